@@ -1,0 +1,46 @@
+"""A tiny Stable-Diffusion-architecture pipeline built from configs, with random weights.
+
+It is the fallback built-in model while no trained toy model is bundled: every code path
+(CLIP BPE tokenizer, CLIPTextModel, UNet2DConditionModel with cross-attention at two
+resolutions, AutoencoderKL) is the one real checkpoints take, but it knows nothing, so its
+images are noise-like. Built deterministically: the same seed gives bit-identical weights.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .tokenizer import build_clip_tokenizer
+
+TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+    num_attention_heads=4, max_position_embeddings=77, projection_dim=128,
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(64, 128, 128), attention_head_dim=4, cross_attention_dim=128,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+VAE_CONFIG = dict(
+    sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64, 64), norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+
+
+def build_demo_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """The random-weight demo model (64x64 images, 16x16 latents); same seed, same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+        vae = AutoencoderKL(**VAE_CONFIG)
+    return StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=build_clip_tokenizer(), unet=unet.eval(),
+        scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )

@@ -1,0 +1,207 @@
+"""The edit stack: every change to the model is an Edit whose Patch can be undone and redone exactly.
+
+An Edit is a value (kind, JSON parameters, input tensors such as trained adapter weights). Applying
+it runs its kind's function, which changes the model only through a Patch:
+- `patch.write(name, value)` copies into a parameter in place, after backing up the original on CPU
+  on first touch; the written result is kept on CPU too.
+- `patch.set_attr(obj, attr, value)` swaps an attribute (an attention processor, a module, the
+  tokenizer) for edits that change no weights.
+Undo copies the originals back and restores attributes; redo copies the stored results back.
+Nothing is ever undone by subtracting a delta, so any apply/undo/redo sequence is bit-exact.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .errors import EditError, StudioError
+
+COMPONENTS = ("text_encoder", "unet", "vae")
+
+ApplyFn = Callable[[Any, dict, dict, "Patch"], None]
+EDIT_KINDS: dict[str, ApplyFn] = {}
+
+
+def edit_kind(name: str):
+    """Register `fn(pipe, params, tensors, patch)` as the way to apply edits of kind `name`."""
+
+    def register(fn: ApplyFn) -> ApplyFn:
+        EDIT_KINDS[name] = fn
+        return fn
+
+    return register
+
+
+@dataclass(frozen=True)
+class Edit:
+    """What to change: enough to re-apply it after a restart or to another model of the same architecture."""
+
+    kind: str
+    params: dict = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def title(self) -> str:
+        return self.label or self.kind
+
+    def params_json(self) -> str:
+        return json.dumps(self.params, sort_keys=True)
+
+
+def find_tensor(pipe, name: str) -> torch.Tensor:
+    """Resolve 'unet.down_blocks.0....weight' to the live parameter of the pipeline."""
+    component, _, rest = name.partition(".")
+    module = getattr(pipe, component, None) if component in COMPONENTS else None
+    if module is None:
+        raise StudioError(f"unknown tensor {name!r}: names start with one of {', '.join(COMPONENTS)}")
+    try:
+        return module.get_parameter(rest)
+    except AttributeError:
+        raise StudioError(f"unknown tensor {name!r}: {component} has no parameter {rest!r}") from None
+
+
+def named_tensors(pipe) -> dict[str, torch.Tensor]:
+    """Every parameter of the pipeline, keyed by its component-prefixed name."""
+    return {f"{c}.{n}": p for c in COMPONENTS if getattr(pipe, c, None) is not None
+            for n, p in getattr(pipe, c).named_parameters()}
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+class Patch:
+    """What one applied edit changed, with everything needed to undo and redo it exactly."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.originals: dict[str, torch.Tensor] = {}
+        self.results: dict[str, torch.Tensor] = {}
+        self._live: dict[str, torch.Tensor] = {}
+        self._swaps: list[tuple[Any, str, Any, Any]] = []
+
+    def read(self, name: str) -> torch.Tensor:
+        return find_tensor(self.pipe, name)
+
+    def write(self, name: str, value: torch.Tensor) -> None:
+        """Copy `value` into parameter `name` in place (backing up its original on first touch)."""
+        live = self._live.get(name)
+        if live is None:
+            live = find_tensor(self.pipe, name)
+        if tuple(value.shape) != tuple(live.shape):
+            raise StudioError(f"{name}: new value has shape {tuple(value.shape)}, the model has {tuple(live.shape)}")
+        value = value.detach().to(device=live.device, dtype=live.dtype)
+        if not torch.isfinite(value).all():
+            raise EditError(f"{name}: the edit produced NaN or infinite values (a diverging solve?)")
+        if name not in self.originals:
+            self.originals[name] = _cpu_copy(live)
+            self._live[name] = live
+        with torch.no_grad():
+            live.copy_(value)
+
+    def set_attr(self, obj: Any, attr: str, value: Any) -> None:
+        """Swap an attribute (module, processor, tokenizer); undo puts the old object back."""
+        self._swaps.append((obj, attr, getattr(obj, attr), value))
+        setattr(obj, attr, value)
+
+    def seal(self) -> None:
+        """Record the written results once the edit's function has finished."""
+        self.results = {n: _cpu_copy(t) for n, t in self._live.items()}
+
+    def undo(self) -> None:
+        with torch.no_grad():
+            for name, original in self.originals.items():
+                self._live[name].copy_(original)
+        for obj, attr, old, _ in reversed(self._swaps):
+            setattr(obj, attr, old)
+
+    def redo(self) -> None:
+        for obj, attr, _, new in self._swaps:
+            setattr(obj, attr, new)
+        with torch.no_grad():
+            for name, result in self.results.items():
+                self._live[name].copy_(result)
+
+    @property
+    def backup_bytes(self) -> int:
+        """Host memory this patch holds (originals plus results)."""
+        return sum(t.numel() * t.element_size() for d in (self.originals, self.results) for t in d.values())
+
+
+@dataclass
+class Entry:
+    edit: Edit
+    patch: Patch
+
+
+class EditStack:
+    """A linear history of applied edits over one pipeline, with a redo tail."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.entries: list[Entry] = []
+        self.position = 0  # entries[:position] are applied
+
+    @property
+    def applied(self) -> list[Entry]:
+        return self.entries[: self.position]
+
+    def apply(self, edit: Edit) -> Entry:
+        """Apply atomically: on any failure, restore what was touched and raise a clear error."""
+        fn = EDIT_KINDS.get(edit.kind)
+        if fn is None:
+            raise StudioError(f"unknown edit kind {edit.kind!r}; known: {', '.join(sorted(EDIT_KINDS))}")
+        patch = Patch(self.pipe)
+        try:
+            fn(self.pipe, dict(edit.params), dict(edit.tensors), patch)
+            patch.seal()
+        except BaseException as exc:
+            patch.undo()
+            if isinstance(exc, StudioError):
+                raise
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise EditError(f"{edit.title}: out of memory; the edit was rolled back. "
+                                "Free memory (fewer prompts, smaller batch) and try again.") from exc
+            if isinstance(exc, Exception):
+                raise EditError(f"{edit.title} failed and was rolled back: {exc}") from exc
+            raise
+        del self.entries[self.position:]
+        entry = Entry(edit, patch)
+        self.entries.append(entry)
+        self.position += 1
+        return entry
+
+    def undo(self) -> Entry | None:
+        if self.position == 0:
+            return None
+        self.position -= 1
+        entry = self.entries[self.position]
+        entry.patch.undo()
+        return entry
+
+    def redo(self) -> Entry | None:
+        if self.position == len(self.entries):
+            return None
+        entry = self.entries[self.position]
+        entry.patch.redo()
+        self.position += 1
+        return entry
+
+    def goto(self, position: int) -> None:
+        """Undo or redo until `position` edits are applied."""
+        if not 0 <= position <= len(self.entries):
+            raise StudioError(f"history position {position} is outside 0..{len(self.entries)}")
+        while self.position > position:
+            self.undo()
+        while self.position < position:
+            self.redo()
+
+    def rows(self) -> list[dict]:
+        """The history as the UI and CLI show it."""
+        return [dict(index=i + 1, edit=e.edit.title, kind=e.edit.kind, params=e.edit.params_json(),
+                     applied=i < self.position, backup_mb=round(e.patch.backup_bytes / 2**20, 3))
+                for i, e in enumerate(self.entries)]

@@ -1,0 +1,124 @@
+"""A generation request: validated settings, and seeded noise that does not depend on the device.
+
+Each image of a batch gets its own CPU generator seeded with seed + i, so image i is the same
+whether it is made alone or in a batch, on CPU or GPU (A1111's "CPU" RNG behaviour).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+
+from .errors import StudioError
+
+SAMPLERS = {
+    "DPM++ 2M": DPMSolverMultistepScheduler,
+    "Euler": EulerDiscreteScheduler,
+    "Euler a": EulerAncestralDiscreteScheduler,
+    "DDIM": DDIMScheduler,
+    "UniPC": UniPCMultistepScheduler,
+    "PNDM": PNDMScheduler,
+}
+MAX_SIDE, MAX_STEPS, MAX_BATCH, MAX_SEED = 2048, 200, 16, 2**32 - 1
+
+
+def parse_seed(seed) -> int:
+    """Accept whole numbers and numeric strings; -1 (or empty) picks a random seed."""
+    if seed is None or (isinstance(seed, str) and not seed.strip()):
+        seed = -1
+    try:
+        value = _int("seed", seed)
+    except StudioError:
+        value = None
+    if value == -1:
+        return random.randint(0, MAX_SEED)
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise StudioError(f"seed must be a whole number from 0 to {MAX_SEED}, or -1 for random (got {seed!r})")
+    return value
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int | str = 0
+    steps: int = 20
+    guidance: float = 7.5
+    width: int | None = None
+    height: int | None = None
+    batch: int = 1
+    sampler: str = "DPM++ 2M"
+    warnings: list[str] = field(default_factory=list)
+
+    def validated(self, pipe) -> "GenerationRequest":
+        """A copy with defaults filled in and every field checked; raises StudioError on bad input."""
+        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        multiple = max(8, pipe.vae_scale_factor)
+        r = GenerationRequest(str(self.prompt or ""), str(self.negative_prompt or ""), parse_seed(self.seed),
+                              _int("steps", self.steps), _num("guidance", self.guidance),
+                              _int("width", self.width or default), _int("height", self.height or default),
+                              _int("batch size", self.batch), self.sampler)
+        for side in ("width", "height"):
+            v = getattr(r, side)
+            if v % multiple:
+                raise StudioError(f"{side} {v} is not a multiple of {multiple}; try {max(multiple, round(v / multiple) * multiple)}")
+            if not multiple <= v <= MAX_SIDE:
+                raise StudioError(f"{side} {v} is outside {multiple}..{MAX_SIDE}")
+        if not 1 <= r.steps <= MAX_STEPS:
+            raise StudioError(f"steps must be from 1 to {MAX_STEPS} (got {r.steps})")
+        if not 0 <= r.guidance <= 50:
+            raise StudioError(f"guidance must be from 0 to 50 (got {r.guidance})")
+        if not 1 <= r.batch <= MAX_BATCH:
+            raise StudioError(f"batch size must be from 1 to {MAX_BATCH} (got {r.batch})")
+        if r.sampler not in SAMPLERS:
+            raise StudioError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        r.warnings = [w for w in (prompt_overflow(pipe.tokenizer, r.prompt, "prompt"),
+                                  prompt_overflow(pipe.tokenizer, r.negative_prompt, "negative prompt")) if w]
+        return r
+
+    @property
+    def seeds(self) -> list[int]:
+        return [(int(self.seed) + i) % (MAX_SEED + 1) for i in range(self.batch)]
+
+    def noise(self, pipe) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Initial latents (on CPU, fp32) and the per-image generators, continued for ancestral samplers."""
+        f = pipe.vae_scale_factor
+        shape = (1, pipe.unet.config.in_channels, self.height // f, self.width // f)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
+        return torch.cat([torch.randn(shape, generator=g) for g in gens]), gens
+
+
+def prompt_overflow(tokenizer, text: str, what: str) -> str | None:
+    """A warning if `text` is longer than the text encoder reads (it is then truncated)."""
+    if not text:
+        return None
+    ids = tokenizer(text, truncation=False, verbose=False).input_ids
+    limit = tokenizer.model_max_length
+    if len(ids) <= limit:
+        return None
+    kept = tokenizer.decode(ids[1 : limit - 1])
+    return (f"The {what} is {len(ids) - 2} tokens; the model reads {limit - 2}. "
+            f"It was truncated after: …{kept[-40:]!s}")
+
+
+def _int(name: str, v) -> int:
+    try:
+        f = float(v)
+        if f != int(f):
+            raise ValueError
+        return int(f)
+    except (TypeError, ValueError, OverflowError):
+        raise StudioError(f"{name} must be a whole number (got {v!r})") from None
+
+
+def _num(name: str, v) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise StudioError(f"{name} must be a number (got {v!r})") from None
+    if f != f or f in (float("inf"), float("-inf")):
+        raise StudioError(f"{name} must be a finite number (got {v!r})")
+    return f

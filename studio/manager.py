@@ -1,0 +1,204 @@
+"""PipelineManager: the one GPU-resident pipeline of a process, its lock and its edit stack.
+
+Every job that touches the model (generate, edit, train, capture) runs inside `manager.job()`,
+which holds the one lock, so a generation never sees a half-applied edit and two browser tabs
+never run on the GPU at once. Long jobs call `check_stop()` from their step callback; the user's
+stop request then ends them cleanly, with the model untouched.
+"""
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import layer_scale  # noqa: F401  (registers the "scale" edit kind)
+from .edit_files import load_edits, save_edits
+from .edits import Edit, EditStack, Entry, find_tensor
+from .errors import JobStopped, StudioError
+from .fingerprint import fingerprint, tensor_digest
+from .generation import SAMPLERS, GenerationRequest
+from .loading import BUILTIN, ModelInfo, classify_source, load_pipeline
+
+Progress = Callable[[int, int], None]
+
+_default: PipelineManager | None = None
+
+
+def get_manager(**kwargs) -> "PipelineManager":
+    """The process-wide manager, created on first use (kwargs only count the first time)."""
+    global _default
+    if _default is None:
+        _default = PipelineManager(**kwargs)
+    return _default
+
+
+@dataclass
+class GenerationResult:
+    images: list
+    seeds: list[int]
+    request: GenerationRequest
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+class PipelineManager:
+    def __init__(self, source: str = BUILTIN, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False):
+        classify_source(source, allow_pickle)  # refuse bad sources now, load later
+        self._load_args = dict(source=source, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        self._pipe = None
+        self._stack: EditStack | None = None
+        self.info: ModelInfo | None = None
+
+    # -- model ---------------------------------------------------------------------------
+    @property
+    def pipe(self):
+        with self.lock:
+            if self._pipe is None:
+                self._pipe, self.info = load_pipeline(**self._load_args)
+                self._stack = EditStack(self._pipe)
+            return self._pipe
+
+    @property
+    def stack(self) -> EditStack:
+        self.pipe
+        return self._stack
+
+    def load(self, source: str, **overrides) -> ModelInfo:
+        """Switch models. The old one stays until the new one has loaded; its history is dropped."""
+        args = {**self._load_args, "source": source, **overrides}
+        with self.job():
+            pipe, info = load_pipeline(**args)
+            self._pipe = self._stack = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._pipe, self.info, self._stack, self._load_args = pipe, info, EditStack(pipe), args
+            return info
+
+    def describe(self) -> str:
+        self.pipe
+        return self.info.describe()
+
+    def fingerprint(self) -> str:
+        with self.lock:
+            return fingerprint(self.pipe)
+
+    # -- jobs ----------------------------------------------------------------------------
+    @contextmanager
+    def job(self):
+        """Hold the GPU lock for one job; a stop request made during the job ends it."""
+        with self.lock:
+            self._stop.clear()
+            try:
+                yield
+            finally:
+                self._stop.clear()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def check_stop(self) -> None:
+        if self._stop.is_set():
+            raise JobStopped("stopped by the user")
+
+    def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
+        with self.job():
+            pipe = self.pipe
+            r = request.validated(pipe)
+            latents, generators = r.noise(pipe)
+
+            def on_step(_pipe, i, _t, kwargs):
+                self.check_stop()
+                if progress:
+                    progress(i + 1, r.steps)
+                return kwargs
+
+            start, scheduler = time.perf_counter(), pipe.scheduler
+            pipe.scheduler = SAMPLERS[r.sampler].from_config(scheduler.config)
+            try:
+                images = pipe(
+                    prompt=r.prompt, negative_prompt=r.negative_prompt or None, num_inference_steps=r.steps,
+                    guidance_scale=r.guidance, height=r.height, width=r.width, num_images_per_prompt=r.batch,
+                    latents=latents.to(pipe.device, pipe.unet.dtype), generator=generators,
+                    callback_on_step_end=on_step,
+                ).images
+            except torch.OutOfMemoryError:
+                raise StudioError("out of memory while generating: lower the batch size or the image size") from None
+            finally:
+                pipe.scheduler = scheduler
+            return GenerationResult(images, r.seeds, r, time.perf_counter() - start, r.warnings)
+
+    def generate_at(self, request: GenerationRequest, position: int, progress: Progress | None = None) -> GenerationResult:
+        """Generate with the first `position` edits applied, then return to the current state exactly."""
+        with self.lock:
+            here = self.stack.position
+            try:
+                self.stack.goto(position)
+                return self.generate(request, progress)
+            finally:
+                self.stack.goto(here)
+
+    def compare(self, request: GenerationRequest, index: int | None = None, progress: Progress | None = None):
+        """(before, after) results for history entry `index` (1-based; default: the latest applied)."""
+        with self.lock:
+            index = self.stack.position if index is None else int(index)
+            if not 1 <= index <= len(self.stack.entries):
+                raise StudioError("there is no edit to compare: apply one first" if not self.stack.entries
+                                  else f"edit #{index} does not exist (history has {len(self.stack.entries)})")
+            request = GenerationRequest(**{**request.__dict__, "seed": request.validated(self.pipe).seed})
+            return self.generate_at(request, index - 1, progress), self.generate_at(request, index, progress)
+
+    # -- edits ---------------------------------------------------------------------------
+    def apply(self, edit: Edit) -> Entry:
+        with self.job():
+            return self.stack.apply(edit)
+
+    def undo(self) -> Entry | None:
+        with self.lock:
+            return self.stack.undo()
+
+    def redo(self) -> Entry | None:
+        with self.lock:
+            return self.stack.redo()
+
+    def reset(self) -> None:
+        """Back to the model as loaded (the undone edits stay available for redo)."""
+        with self.lock:
+            self.stack.goto(0)
+
+    def history(self) -> list[dict]:
+        with self.lock:
+            return self.stack.rows()
+
+    def save_edits(self, path: str | Path) -> Path:
+        with self.lock:
+            return save_edits(self.stack.applied, path)
+
+    def load_edits(self, path: str | Path) -> list[str]:
+        """Apply every edit of a file on top of the current state, all or none; returns notes."""
+        saved = load_edits(path)
+        notes = []
+        with self.job():
+            start = self.stack.position
+            try:
+                for s in saved:
+                    same = all(tensor_digest(find_tensor(self.pipe, n)) == d for n, d in s.original_digests.items())
+                    entry = self.stack.apply(s.edit)
+                    exact = {n: tensor_digest(t) for n, t in entry.patch.results.items()} == s.result_digests
+                    notes.append(f"{s.edit.title}: " + (
+                        "re-applied exactly" if same and exact else
+                        "re-applied; results differ in the last bits (other device or library version)" if same else
+                        "recomputed for this model (it differs from the one the edit was saved on)"))
+            except BaseException:
+                self.stack.goto(start)
+                del self.stack.entries[start:]
+                raise
+        return notes

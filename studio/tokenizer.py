@@ -1,0 +1,50 @@
+"""The real CLIP BPE tokenizer, built offline from the vocabulary file open_clip_torch ships.
+
+No model hub is needed: OpenAI's CLIP tokenizer is fully defined by `bpe_simple_vocab_16e6.txt.gz`
+(the merge list); the vocabulary is the byte alphabet, its end-of-word forms, one entry per
+merge and the two special tokens, exactly as CLIP's SimpleTokenizer builds it.
+"""
+from __future__ import annotations
+
+import gzip
+from functools import lru_cache
+
+from transformers import CLIPTokenizer
+
+N_MERGES = 49152 - 256 - 2  # CLIP's merge count: vocab 49408 = 256 bytes * 2 + merges + 2 specials
+
+
+def bpe_vocab_path() -> str:
+    from open_clip.tokenizer import default_bpe
+
+    return default_bpe()
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode table, in CLIP's order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+@lru_cache(maxsize=1)
+def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    with gzip.open(bpe_vocab_path(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")[1 : N_MERGES + 1]
+    merges = [tuple(line.split()) for line in lines]
+    alphabet = _bytes_to_unicode()
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def build_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIPTokenizer identical to openai/clip-vit-large-patch14's, made without network."""
+    vocab, merges = _vocab_and_merges()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
