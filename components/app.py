@@ -1,0 +1,45 @@
+"""The studio's Gradio app: tabs on the left, the History panel on the right, one GPU queue."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from studio.manager import PipelineManager
+
+from . import generate_tab, history_panel
+
+CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "studio.css"
+MAX_UPLOAD = "200mb"
+
+
+def build_app(manager: PipelineManager) -> gr.Blocks:
+    manager.pipe  # load before the first request, so the page shows the model at once
+    with gr.Blocks(title="Concept Studio") as demo:
+        gr.Markdown("# Concept Studio\nEdit what a text-to-image model knows. Every edit can be undone exactly.")
+        if manager.info.is_demo:
+            gr.Markdown("> **Demo model:** random weights built from configs; it knows nothing, so images look "
+                        "like noise. Load a real model with `--model`.", elem_classes="demo-note")
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Tabs():
+                    with gr.Tab("Generate"):
+                        gen = generate_tab.build(manager)
+            with gr.Column(scale=2, min_width=340, elem_classes="history"):
+                history = history_panel.build(manager, gen.settings)
+        for event in gen.edit_events:
+            history.follow(event)
+        demo.load(history.refresh, None, history.outputs)
+    return demo
+
+
+def launch(manager: PipelineManager, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           auth: tuple[str, str] | None = None, block: bool = True):
+    """Serve the app; loopback only unless a host or a share link is asked for."""
+    demo = build_app(manager)
+    demo.queue(default_concurrency_limit=1)
+    return demo.launch(
+        server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_UPLOAD,
+        enable_monitoring=False, prevent_thread_lock=not block, quiet=not block,
+        css_paths=[CSS_PATH] if CSS_PATH.is_file() else None, footer_links=["api", "settings"],
+    )

@@ -1,0 +1,139 @@
+"""Command line: `python -m studio` serves the UI; subcommands work headless, with no UI at all.
+
+    python -m studio [--model M] [--host 127.0.0.1] [--port N] [--share] [--auth user:pass]
+    python -m studio generate --prompt "a red circle" --seed 0 --out outputs/ [--edits FILE] [--compare]
+    python -m studio scale --pattern 'attn2\\.to_v\\.weight' --factor 0.5 --save edits.safetensors
+    python -m studio history FILE
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from .errors import StudioError
+from .generation import SAMPLERS, GenerationRequest
+
+SUBCOMMANDS = ("generate", "scale", "history")
+
+
+def _model_args() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="builtin",
+                   help="'builtin' (default), a diffusers folder, a .safetensors checkpoint, or a hub id")
+    g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="allow .ckpt/.pt/.bin checkpoints (pickles can run code: only for files you trust)")
+    g.add_argument("--edits", nargs="*", default=[], help="edit files to apply after loading")
+    return p
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m studio", parents=[_model_args()],
+                                description="Concept Studio. Subcommands: " + ", ".join(SUBCOMMANDS))
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free)")
+    p.add_argument("--share", action="store_true", help="create a public gradio share link (off by default)")
+    p.add_argument("--auth", default=None, help="require a login, as user:password")
+    return p
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="")
+    p.add_argument("--seed", default="0")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--sampler", default="DPM++ 2M", choices=list(SAMPLERS))
+
+
+def _manager(args):
+    from .manager import PipelineManager
+
+    m = PipelineManager(args.model, args.device, args.dtype, args.allow_pickle)
+    for f in args.edits:
+        for note in m.load_edits(f):
+            print(note, file=sys.stderr)
+    return m
+
+
+def _cmd_generate(args) -> None:
+    m = _manager(args)
+    request = GenerationRequest(args.prompt, args.negative, args.seed, args.steps, args.guidance,
+                                args.width, args.height, args.batch, args.sampler)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.compare:
+        before, after = m.compare(request)
+        pairs = [("before", before), ("after", after)]
+    else:
+        pairs = [("", m.generate(request))]
+    for tag, result in pairs:
+        for w in result.warnings:
+            print("warning:", w, file=sys.stderr)
+        for image, seed in zip(result.images, result.seeds):
+            path = out / f"seed{seed}{'-' + tag if tag else ''}.png"
+            image.save(path)
+            print(path)
+
+
+def _cmd_scale(args) -> None:
+    from .layer_scale import scale_edit
+
+    m = _manager(args)
+    entry = m.apply(scale_edit(args.pattern, args.factor))
+    print(f"{entry.edit.title}: {len(entry.patch.originals)} tensors; fingerprint {m.fingerprint()[:12]}")
+    print(m.save_edits(args.save))
+
+
+def _cmd_history(args) -> None:
+    from .edit_files import load_edits
+
+    for i, s in enumerate(load_edits(args.file), 1):
+        print(f"{i}. {s.edit.title}  kind={s.edit.kind}  params={json.dumps(s.edit.params)}  "
+              f"tensors touched={len(s.original_digests)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            p = argparse.ArgumentParser(prog="python -m studio")
+            sub = p.add_subparsers(dest="command", required=True)
+            g = sub.add_parser("generate", parents=[_model_args()], help="generate images to a folder")
+            _generate_args(g)
+            g.add_argument("--out", default="outputs", help="folder for the PNGs")
+            g.add_argument("--compare", action="store_true", help="also render without the last edit (before/after)")
+            s = sub.add_parser("scale", parents=[_model_args()], help="scale matching weights, save as an edit file")
+            s.add_argument("--pattern", required=True, help="regular expression on parameter names")
+            s.add_argument("--factor", type=float, required=True)
+            s.add_argument("--save", required=True, help="edit file to write (.safetensors)")
+            h = sub.add_parser("history", help="list the edits in an edit file")
+            h.add_argument("file")
+            args = p.parse_args(argv)
+            {"generate": _cmd_generate, "scale": _cmd_scale, "history": _cmd_history}[args.command](args)
+            return 0
+        args = _serve_parser().parse_args(argv)
+        auth = None
+        if args.auth:
+            user, sep, password = args.auth.partition(":")
+            if not sep or not user or not password:
+                raise StudioError("--auth takes user:password")
+            auth = (user, password)
+        manager = _manager(args)
+        importlib.import_module("components.app").launch(manager, args.host, args.port, args.share, auth)
+        return 0
+    except StudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
