@@ -57,6 +57,15 @@ class PipelineManager:
         self._stack: EditStack | None = None
         self.info: ModelInfo | None = None
 
+    @classmethod
+    def from_pipeline(cls, pipe, name: str = "custom pipeline") -> "PipelineManager":
+        """Manage a StableDiffusionPipeline you already built or loaded."""
+        m = cls()
+        p = next(pipe.unet.parameters())
+        m._pipe, m._stack = pipe, EditStack(pipe)
+        m.info = ModelInfo(name, "python", str(p.device), str(p.dtype).replace("torch.", ""))
+        return m
+
     # -- model ---------------------------------------------------------------------------
     @property
     def pipe(self):
