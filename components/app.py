@@ -34,12 +34,13 @@ def build_app(manager: PipelineManager) -> gr.Blocks:
 
 
 def launch(manager: PipelineManager, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           auth: tuple[str, str] | None = None, block: bool = True):
+           auth: tuple[str, str] | None = None, block: bool = True) -> gr.Blocks:
     """Serve the app; loopback only unless a host or a share link is asked for."""
     demo = build_app(manager)
     demo.queue(default_concurrency_limit=1)
-    return demo.launch(
+    demo.launch(
         server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_UPLOAD,
         enable_monitoring=False, prevent_thread_lock=not block, quiet=not block,
         css_paths=[CSS_PATH] if CSS_PATH.is_file() else None, footer_links=["api", "settings"],
     )
+    return demo

@@ -1,0 +1,55 @@
+"""The app on localhost, driven through gradio_client: generate, apply, undo, compare, errors."""
+import socket
+
+import pytest
+from gradio_client import Client
+
+from components.app import launch
+from components.history_panel import history_view
+
+SETTINGS = ["a red circle", "", "1", 4, 7.5, 64, 64, 2, "DPM++ 2M"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(manager):
+    demo = launch(manager, port=free_port(), block=False)
+    yield manager, Client(demo.local_url, verbose=False)
+    demo.close()
+
+
+def test_app_serves_on_loopback_and_answers_generate_apply_undo(served):
+    manager, client = served
+    assert client.src.startswith("http://127.0.0.1:")
+    f0 = manager.fingerprint()
+    gallery, status = client.predict(*SETTINGS, api_name="/generate")
+    assert len(gallery) == 2 and [g["caption"] for g in gallery] == ["seed 1", "seed 2"] and "2 image(s)" in status
+    message = client.predict(r"attn2\.to_v\.weight", 0.5, api_name="/apply_scale")
+    assert message.startswith("Applied") and manager.stack.position == 1 and manager.fingerprint() != f0
+    rows, state = history_view(manager)
+    assert rows[0][1].startswith("scale") and "1 of 1 edits applied" in state
+    before_after = client.predict(None, *SETTINGS, api_name="/compare")
+    assert len(before_after) == 2
+    client.predict(api_name="/undo")
+    assert manager.stack.position == 0 and manager.fingerprint() == f0
+    client.predict(api_name="/redo")
+    assert manager.stack.position == 1
+
+
+def test_bad_input_through_the_ui_is_a_clear_error_and_changes_nothing(served):
+    manager, client = served
+    f = manager.fingerprint()
+    with pytest.raises(Exception, match="seed must be a whole number"):
+        client.predict("a red circle", "", "abc", 4, 7.5, 64, 64, 1, "DPM++ 2M", api_name="/generate")
+    with pytest.raises(Exception, match="multiple of 8"):
+        client.predict("a red circle", "", "0", 4, 7.5, 60, 64, 1, "DPM++ 2M", api_name="/generate")
+    with pytest.raises(Exception, match="no parameter name matches"):
+        client.predict("nothing_matches_this", 0.5, api_name="/apply_scale")
+    with pytest.raises(Exception, match="no edit to compare"):
+        client.predict(None, *SETTINGS, api_name="/compare")
+    assert manager.fingerprint() == f and manager.history() == []

@@ -1,0 +1,34 @@
+"""The headless CLI: generate, scale into an edit file, list it, re-apply it with a before/after."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.cli import main
+
+
+def test_cli_generate_scale_history_compare(tmp_path, capsys):
+    assert main(["generate", "--prompt", "a red circle", "--seed", "5", "--steps", "4", "--batch", "2",
+                 "--out", str(tmp_path / "plain"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["seed5.png", "seed6.png"]
+    edits = tmp_path / "edits.safetensors"
+    assert main(["scale", "--pattern", r"attn2\.to_v\.weight", "--factor", "0", "--save", str(edits)]) == 0
+    assert main(["history", str(edits)]) == 0
+    assert "kind=scale" in capsys.readouterr().out
+    assert main(["generate", "--prompt", "a red circle", "--seed", "5", "--steps", "4", "--edits", str(edits),
+                 "--compare", "--out", str(tmp_path / "cmp")]) == 0
+    before = np.asarray(Image.open(tmp_path / "cmp" / "seed5-before.png"))
+    after = np.asarray(Image.open(tmp_path / "cmp" / "seed5-after.png"))
+    plain = np.asarray(Image.open(tmp_path / "plain" / "seed5.png"))
+    assert np.array_equal(before, plain) and not np.array_equal(before, after)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "model.ckpt"], "allow-pickle"),
+    (["generate", "--prompt", "x", "--width", "63", "--out", "unused"], "multiple of 8"),
+    (["--auth", "nopassword"], "user:password"),
+])
+def test_cli_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.ckpt").write_bytes(b"x")
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
