@@ -20,7 +20,7 @@ def history_view(manager: PipelineManager):
     rows = [[r["index"], r["edit"], r["kind"], r["params"], "✓" if r["applied"] else "undone"] for r in manager.history()]
     applied = manager.stack.position
     state = (f"**Model:** {manager.describe()}  \n**State:** {applied} of {len(rows)} edits applied · "
-             f"fingerprint `{manager.fingerprint()[:12]}`")
+             f"fingerprint `{manager.fingerprint(cached=True)[:12]}`")
     return rows, state
 
 
@@ -49,7 +49,7 @@ def load(manager: PipelineManager, file) -> None:
 def compare(manager: PipelineManager, index, *settings, progress=None):
     request = request_from(*settings)
     request.batch = 1
-    before, after = manager.compare(request, None if index in (None, "") else int(index), progress)
+    before, after = manager.compare(request, int(index) if index else None, progress)
     return (before.images[0], after.images[0])
 
 
@@ -66,7 +66,7 @@ def build(manager: PipelineManager, settings: list) -> SimpleNamespace:
         saved = gr.File(label="Edit file", interactive=False)
         upload = gr.File(label="Load an edit file", file_types=[".safetensors"], type="filepath")
     with gr.Accordion("Before / after (same seed)", open=True):
-        index = gr.Number(label="Edit # (empty: latest applied)", precision=0, value=None)
+        index = gr.Number(label="Edit # (0: the latest applied)", precision=0, value=0, minimum=0)
         compare_btn = gr.Button("Compare", size="sm")
         slider = gr.ImageSlider(label="before ↔ after", type="pil")
 

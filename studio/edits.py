@@ -11,13 +11,14 @@ Nothing is ever undone by subtracting a delta, so any apply/undo/redo sequence i
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from .errors import EditError, StudioError
+from .errors import EditError, JobStopped, StudioError
 
 COMPONENTS = ("text_encoder", "unet", "vae")
 
@@ -132,10 +133,14 @@ class Patch:
         return sum(t.numel() * t.element_size() for d in (self.originals, self.results) for t in d.values())
 
 
+_serials = itertools.count()
+
+
 @dataclass
 class Entry:
     edit: Edit
     patch: Patch
+    serial: int = field(default_factory=lambda: next(_serials))  # unique for the process's lifetime
 
 
 class EditStack:
@@ -161,9 +166,9 @@ class EditStack:
             patch.seal()
         except BaseException as exc:
             patch.undo()
-            if isinstance(exc, StudioError):
+            if isinstance(exc, (StudioError, JobStopped)):
                 raise
-            if isinstance(exc, torch.OutOfMemoryError):
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise EditError(f"{edit.title}: out of memory; the edit was rolled back. "
                                 "Free memory (fewer prompts, smaller batch) and try again.") from exc
             if isinstance(exc, Exception):

@@ -56,6 +56,7 @@ class PipelineManager:
         self._pipe = None
         self._stack: EditStack | None = None
         self.info: ModelInfo | None = None
+        self._fingerprints: dict[tuple, str] = {}
 
     @classmethod
     def from_pipeline(cls, pipe, name: str = "custom pipeline") -> "PipelineManager":
@@ -90,15 +91,21 @@ class PipelineManager:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             self._pipe, self.info, self._stack, self._load_args = pipe, info, EditStack(pipe), args
+            self._fingerprints.clear()
             return info
 
     def describe(self) -> str:
         self.pipe
         return self.info.describe()
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, cached: bool = False) -> str:
+        """Hash of the model state. `cached` reuses the hash of a state already seen through the
+        stack (cheap for the UI on big models); the default rehashes every parameter."""
         with self.lock:
-            return fingerprint(self.pipe)
+            key = tuple(e.serial for e in self.stack.applied)
+            if not cached or key not in self._fingerprints:
+                self._fingerprints[key] = fingerprint(self.pipe)
+            return self._fingerprints[key]
 
     # -- jobs ----------------------------------------------------------------------------
     @contextmanager
@@ -139,7 +146,7 @@ class PipelineManager:
                     latents=latents.to(pipe.device, pipe.unet.dtype), generator=generators,
                     callback_on_step_end=on_step,
                 ).images
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 raise StudioError("out of memory while generating: lower the batch size or the image size") from None
             finally:
                 pipe.scheduler = scheduler

@@ -33,7 +33,7 @@ def test_app_serves_on_loopback_and_answers_generate_apply_undo(served):
     assert message.startswith("Applied") and manager.stack.position == 1 and manager.fingerprint() != f0
     rows, state = history_view(manager)
     assert rows[0][1].startswith("scale") and "1 of 1 edits applied" in state
-    before_after = client.predict(None, *SETTINGS, api_name="/compare")
+    before_after = client.predict(0, *SETTINGS, api_name="/compare")
     assert len(before_after) == 2
     client.predict(api_name="/undo")
     assert manager.stack.position == 0 and manager.fingerprint() == f0
@@ -51,5 +51,5 @@ def test_bad_input_through_the_ui_is_a_clear_error_and_changes_nothing(served):
     with pytest.raises(Exception, match="no parameter name matches"):
         client.predict("nothing_matches_this", 0.5, api_name="/apply_scale")
     with pytest.raises(Exception, match="no edit to compare"):
-        client.predict(None, *SETTINGS, api_name="/compare")
+        client.predict(0, *SETTINGS, api_name="/compare")
     assert manager.fingerprint() == f and manager.history() == []

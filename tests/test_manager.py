@@ -118,3 +118,14 @@ def test_reset_and_redo(manager):
     assert manager.fingerprint() == f0 and [r["applied"] for r in manager.history()] == [False, False]
     manager.redo(), manager.redo()
     assert manager.fingerprint() == f2 and manager.redo() is None
+
+
+def test_cached_fingerprint_follows_the_stack(manager):
+    f0 = manager.fingerprint(cached=True)
+    manager.apply(scale_edit(r"attn2\.to_v\.weight", 0.5))
+    f1 = manager.fingerprint(cached=True)
+    assert f1 != f0 and f1 == manager.fingerprint()
+    manager.undo()
+    assert manager.fingerprint(cached=True) == f0
+    manager.apply(scale_edit(r"attn2\.to_v\.weight", 0.25))  # a new edit at the same depth: a new state
+    assert manager.fingerprint(cached=True) == manager.fingerprint() != f1
