@@ -100,18 +100,20 @@ def load_pipeline(source: str = BUILTIN, device: str = "auto", dtype: str = "aut
 
             pipe = build_demo_pipeline()
         elif kind == "single-file":
-            pipe = StableDiffusionPipeline.from_single_file(source, load_safety_checker=False)
+            pipe = StableDiffusionPipeline.from_single_file(source, load_safety_checker=False, dtype=dt)
         else:
             pipe = StableDiffusionPipeline.from_pretrained(
-                TOY_MODEL if kind == "builtin-toy" else source, safety_checker=None, requires_safety_checker=False)
+                TOY_MODEL if kind == "builtin-toy" else source, safety_checker=None, requires_safety_checker=False,
+                dtype=dt)
     except StudioError:
         raise
     except Exception as exc:
         hint = " (no network? hub ids need one; a local folder or file does not)" if kind == "hub" else ""
         raise StudioError(f"could not load {source!r} as a Stable Diffusion pipeline{hint}: {exc}") from exc
-    pipe.to(dev)
-    if pipe.unet.dtype != dt:
-        pipe.to(dtype=dt)
+    for c in ("text_encoder", "unet", "vae"):  # every component in the asked dtype, whatever was saved
+        module = getattr(pipe, c).to(dev)
+        if module.dtype != dt:
+            module.to(dtype=dt)
     pipe.set_progress_bar_config(disable=True)
     for c in ("text_encoder", "unet", "vae"):
         getattr(pipe, c).requires_grad_(False).eval()

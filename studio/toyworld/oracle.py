@@ -47,7 +47,7 @@ class OracleNet(nn.Module):
 
 def segment(image: np.ndarray, threshold: float = 60.0) -> list[np.ndarray]:
     """Object masks (largest first): pixels far from the border colour, closed and flood-filled."""
-    img = torch.as_tensor(np.asarray(image), dtype=torch.float32)
+    img = torch.tensor(np.asarray(image), dtype=torch.float32)
     border = torch.cat([img[0], img[-1], img[:, 0], img[:, -1]])
     bg = border.median(0).values
     fg = (img - bg).abs().sum(-1) > threshold
@@ -72,7 +72,7 @@ def crop(image: np.ndarray, mask: np.ndarray) -> torch.Tensor:
     ys, xs = np.nonzero(mask)
     cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
     half = max(ys.max() - ys.min(), xs.max() - xs.min()) / 2 + 2
-    img = torch.as_tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1) / 127.5 - 1
+    img = torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1) / 127.5 - 1
     m = torch.as_tensor(mask, dtype=torch.float32)[None]
     x = torch.cat([img * F.max_pool2d(m[None], 5, 1, 2)[0], m])[None]
     theta = torch.tensor([[[half / 32, 0, (cx + 0.5) / 32 - 1], [0, half / 32, (cy + 0.5) / 32 - 1]]], dtype=torch.float32)

@@ -1,0 +1,201 @@
+"""Train the toy-world text-to-image model from scratch: VAE first, then UNet + text encoder.
+
+    python -m studio.toyworld.train --config gpu   # the issue's probe config, ~7 min on an H100
+    python -m studio.toyworld.train --config cpu   # a smaller config for a 2-core CPU
+
+The result is a real diffusers StableDiffusionPipeline (CLIP BPE tokenizer with the real
+vocabulary, CLIPTextModel, UNet2DConditionModel, AutoencoderKL), saved with save_pretrained in
+fp16 to assets/toy-model and loaded by from_pretrained like any checkpoint. Seeded: the same
+config, seed and device give the same model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ..demo_model import SCHEDULER_CONFIG, TEXT_CONFIG
+from ..loading import TOY_MODEL
+from ..tokenizer import build_clip_tokenizer
+from .scenes import make_scene
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    scenes: int = 40_000
+    text_hidden: int = 128
+    text_layers: int = 3
+    unet_channels: tuple = (64, 128, 128)
+    vae_channels: tuple = (32, 64, 64)
+    vae_steps: int = 800
+    vae_batch: int = 128
+    vae_lr: float = 1e-3
+    steps: int = 3000
+    batch: int = 256
+    lr: float = 5e-4
+    caption_dropout: float = 0.1
+
+
+CONFIGS = {
+    "gpu": ToyConfig(),
+    # ~1 hour on a 2-core CPU: same UNet, a lighter VAE, far fewer samples seen than the GPU config
+    "cpu": ToyConfig(scenes=12_000, vae_channels=(32, 32, 32), vae_steps=400, vae_batch=32,
+                     steps=2500, batch=48, lr=1e-3),
+}
+
+
+def build_models(cfg: ToyConfig):
+    text = CLIPTextModel(CLIPTextConfig(**{**TEXT_CONFIG, "hidden_size": cfg.text_hidden,
+                                           "intermediate_size": 4 * cfg.text_hidden,
+                                           "num_hidden_layers": cfg.text_layers, "projection_dim": cfg.text_hidden}))
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=cfg.unet_channels,
+        attention_head_dim=4, cross_attention_dim=cfg.text_hidden, norm_num_groups=min(32, cfg.unet_channels[0]),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(
+        sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=cfg.vae_channels, norm_num_groups=min(32, cfg.vae_channels[0]),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+    return text, unet, vae
+
+
+def scene_dataset(n: int, seed: int, tokenizer, log=print):
+    """n generator scenes: images in [-1, 1] (uint8 kept, converted per batch) and token ids."""
+    t = time.time()
+    images, captions = np.empty((n, 64, 64, 3), np.uint8), []
+    for i in range(n):
+        scene = make_scene(seed * 10_000_000 + i)
+        images[i] = scene.image
+        captions.append(scene.caption)
+        if (i + 1) % 5000 == 0:
+            log(f"  {i + 1}/{n} scenes ({time.time() - t:.0f} s)")
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), ids, captions
+
+
+def to_pixels(images_u8: torch.Tensor, device) -> torch.Tensor:
+    return images_u8.to(device).float() / 127.5 - 1
+
+
+def one_cycle(opt, lr, steps):
+    return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+
+
+def train_vae(vae, images, cfg, device, log=print, check_stop=None):
+    opt = torch.optim.AdamW(vae.parameters(), cfg.vae_lr, weight_decay=0)
+    sched = one_cycle(opt, cfg.vae_lr, cfg.vae_steps)
+    vae.train()
+    for step in range(cfg.vae_steps):
+        x = to_pixels(images[torch.randint(len(images), (cfg.vae_batch,))], device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if check_stop:
+            check_stop()
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
+            log(f"  vae step {step}/{cfg.vae_steps}: loss {loss.item():.4f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae, images, device, batch=256):
+    return torch.cat([vae.encode(to_pixels(images[i:i + batch], device)).latent_dist.mean
+                      for i in range(0, len(images), batch)])
+
+
+def train_unet(unet, text, latents, ids, empty_ids, cfg, device, log=print, check_stop=None):
+    noise_sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, cfg.lr, weight_decay=1e-2)
+    sched = one_cycle(opt, cfg.lr, cfg.steps)
+    alphas = noise_sched.alphas_cumprod.to(device)
+    unet.train(), text.train()
+    t0 = time.time()
+    for step in range(cfg.steps):
+        idx = torch.randint(len(latents), (cfg.batch,))
+        z = latents[idx].to(device)
+        tokens = ids[idx].to(device)
+        drop = torch.rand(cfg.batch, device=device) < cfg.caption_dropout
+        tokens = torch.where(drop[:, None], empty_ids.to(device), tokens)
+        noise = torch.randn_like(z)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,), device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        pred = unet(noisy, t, encoder_hidden_states=text(tokens)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if check_stop:
+            check_stop()
+        if step % 100 == 0 or step == cfg.steps - 1:
+            rate = (time.time() - t0) / (step + 1)
+            log(f"  unet step {step}/{cfg.steps}: loss {loss.item():.4f} ({rate:.2f} s/step, "
+                f"~{rate * (cfg.steps - step - 1) / 60:.0f} min left)")
+    unet.eval(), text.eval()
+
+
+def train(cfg: ToyConfig, device: str = "cpu", seed: int = 0, out: Path = TOY_MODEL, log=print):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    dev = torch.device(device)
+    start = time.time()
+    tokenizer = build_clip_tokenizer()
+    log(f"generating {cfg.scenes} scenes")
+    images, ids, _ = scene_dataset(cfg.scenes, seed, tokenizer, log)
+    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    text, unet, vae = (m.to(dev) for m in build_models(cfg))
+    log(f"training VAE ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params)")
+    train_vae(vae, images, cfg, dev, log)
+    latents = encode_all(vae, images, dev)
+    scale = float(1 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+    log(f"latent scaling factor {scale:.4f}; training UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M) "
+        f"+ text encoder ({sum(p.numel() for p in text.parameters()) / 1e6:.2f}M)")
+    train_unet(unet, text, latents, ids, empty_ids, cfg, dev, log)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+        scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    out = Path(out)
+    pipe.to(torch.device("cpu"), torch.float16).save_pretrained(out, safe_serialization=True)
+    (out / "training.json").write_text(json.dumps(dict(config=asdict(cfg), seed=seed, device=str(dev),
+                                                       device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                                                       minutes=round((time.time() - start) / 60, 1)), indent=2))
+    log(f"saved to {out} after {(time.time() - start) / 60:.1f} min")
+    return pipe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=list(CONFIGS), default="gpu" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(TOY_MODEL))
+    ap.add_argument("--steps", type=int, default=None, help="override the UNet step count")
+    ap.add_argument("--vae-steps", type=int, default=None)
+    ap.add_argument("--scenes", type=int, default=None)
+    args = ap.parse_args()
+    cfg = CONFIGS[args.config]
+    overrides = {k: v for k, v in dict(steps=args.steps, vae_steps=args.vae_steps, scenes=args.scenes).items() if v}
+    train(replace(cfg, **overrides), args.device, args.seed, Path(args.out), log=lambda m: print(m, flush=True))
+
+
+if __name__ == "__main__":
+    main()
