@@ -56,7 +56,8 @@ def memory(device) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default=None, help="tiny (default on CPU) or sd15 (default on CUDA)")
+    ap.add_argument("--arch", default=None, help="tiny (default on CPU) or sd15 (default on CUDA), random weights")
+    ap.add_argument("--model", default=None, help="benchmark a real model instead (e.g. builtin: the toy model)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
@@ -65,11 +66,14 @@ def main() -> None:
     args = ap.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)
-    arch = args.arch or ("sd15" if device.type == "cuda" else "tiny")
-
-    pipe = build_demo_pipeline(arch=arch).to(device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    manager = PipelineManager.from_pipeline(pipe, f"random {arch}")
+    if args.model:
+        manager, arch = PipelineManager(args.model, str(device)), args.model
+        pipe = manager.pipe
+    else:
+        arch = args.arch or ("sd15" if device.type == "cuda" else "tiny")
+        pipe = build_demo_pipeline(arch=arch).to(device=device, dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        manager = PipelineManager.from_pipeline(pipe, f"random {arch}")
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     req = GenerationRequest("a photo of a red circle on the left", seed=0, steps=args.steps, width=size, height=size)
     latents, _ = req.validated(pipe).noise(pipe)
@@ -113,7 +117,7 @@ def main() -> None:
         print(f"  {name:<{width}}  {value:10.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"manager-{arch}-{device.type}.json"
+    path = out / f"manager-{Path(arch).name}-{device.type}.json"
     path.write_text(json.dumps(dict(arch=arch, device=str(device), dtype=str(dtype), machine=machine, size=size,
                                     steps=args.steps, results={n: v for n, v in rows}), indent=2))
     print(f"wrote {path}")

@@ -11,12 +11,18 @@ from . import generate_tab, history_panel
 
 CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "studio.css"
 MAX_UPLOAD = "200mb"
+TOY_NOTE = ("> **Toy-world model** (64×64, trained here from scratch). It knows the shapes circle, square, "
+            "triangle, star; the colours red, green, blue, yellow, purple, orange (and crimson, scarlet, azure); the "
+            "styles solid, striped, dotted, outlined; positions left/right/top/bottom. Try *a striped blue star* "
+            "or *a red circle and a yellow square*. It has never seen a heart or a cross.")
 
 
 def build_app(manager: PipelineManager) -> gr.Blocks:
     manager.pipe  # load before the first request, so the page shows the model at once
     with gr.Blocks(title="Concept Studio") as demo:
         gr.Markdown("# Concept Studio\nEdit what a text-to-image model knows. Every edit can be undone exactly.")
+        if manager.info.kind == "builtin-toy":
+            gr.Markdown(TOY_NOTE, elem_classes="demo-note")
         if manager.info.is_demo:
             gr.Markdown("> **Demo model:** random weights built from configs; it knows nothing, so images look "
                         "like noise. Load a real model with `--model`.", elem_classes="demo-note")

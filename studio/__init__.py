@@ -2,7 +2,7 @@
 from .edits import Edit, EditStack, Patch, edit_kind
 from .errors import EditError, JobStopped, StudioError
 from .generation import GenerationRequest
-from .manager import PipelineManager, get_manager
+from .manager import PipelineManager
 
 __all__ = ["Edit", "EditStack", "Patch", "edit_kind", "EditError", "JobStopped", "StudioError",
-           "GenerationRequest", "PipelineManager", "get_manager"]
+           "GenerationRequest", "PipelineManager"]

@@ -27,17 +27,6 @@ from .loading import BUILTIN, ModelInfo, classify_source, load_pipeline
 
 Progress = Callable[[int, int], None]
 
-_default: PipelineManager | None = None
-
-
-def get_manager(**kwargs) -> "PipelineManager":
-    """The process-wide manager, created on first use (kwargs only count the first time)."""
-    global _default
-    if _default is None:
-        _default = PipelineManager(**kwargs)
-    return _default
-
-
 @dataclass
 class GenerationResult:
     images: list

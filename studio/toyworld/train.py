@@ -150,7 +150,7 @@ def train_unet(unet, text, latents, ids, empty_ids, cfg, device, log=print, chec
     unet.eval(), text.eval()
 
 
-def train(cfg: ToyConfig, device: str = "cpu", seed: int = 0, out: Path = TOY_MODEL, log=print):
+def train(cfg: ToyConfig, device: str = "cpu", seed: int = 0, out: Path = TOY_MODEL, log=print, resume: Path | None = None):
     torch.manual_seed(seed)
     np.random.seed(seed)
     dev = torch.device(device)
@@ -159,13 +159,20 @@ def train(cfg: ToyConfig, device: str = "cpu", seed: int = 0, out: Path = TOY_MO
     log(f"generating {cfg.scenes} scenes")
     images, ids, _ = scene_dataset(cfg.scenes, seed, tokenizer, log)
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    text, unet, vae = (m.to(dev) for m in build_models(cfg))
-    log(f"training VAE ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params)")
-    train_vae(vae, images, cfg, dev, log)
-    latents = encode_all(vae, images, dev)
-    scale = float(1 / latents.std())
-    vae.register_to_config(scaling_factor=scale)
-    latents = latents * scale
+    if resume:  # continue the UNet and text encoder of a saved model; its VAE stays as it is
+        old = StableDiffusionPipeline.from_pretrained(resume, dtype=torch.float32)
+        text, unet, vae = (m.to(dev).requires_grad_(True) for m in (old.text_encoder, old.unet, old.vae))
+        vae.requires_grad_(False)
+        scale = vae.config.scaling_factor
+        latents = encode_all(vae, images, dev) * scale
+    else:
+        text, unet, vae = (m.to(dev) for m in build_models(cfg))
+        log(f"training VAE ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params)")
+        train_vae(vae, images, cfg, dev, log)
+        latents = encode_all(vae, images, dev)
+        scale = float(1 / latents.std())
+        vae.register_to_config(scaling_factor=scale)
+        latents = latents * scale
     log(f"latent scaling factor {scale:.4f}; training UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M) "
         f"+ text encoder ({sum(p.numel() for p in text.parameters()) / 1e6:.2f}M)")
     train_unet(unet, text, latents, ids, empty_ids, cfg, dev, log)
@@ -175,7 +182,7 @@ def train(cfg: ToyConfig, device: str = "cpu", seed: int = 0, out: Path = TOY_MO
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     out = Path(out)
     pipe.to(torch.device("cpu"), torch.float16).save_pretrained(out, safe_serialization=True)
-    (out / "training.json").write_text(json.dumps(dict(config=asdict(cfg), seed=seed, device=str(dev),
+    (out / "training.json").write_text(json.dumps(dict(config=asdict(cfg), seed=seed, device=str(dev), resumed=bool(resume),
                                                        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                                                        minutes=round((time.time() - start) / 60, 1)), indent=2))
     log(f"saved to {out} after {(time.time() - start) / 60:.1f} min")
@@ -191,10 +198,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the UNet step count")
     ap.add_argument("--vae-steps", type=int, default=None)
     ap.add_argument("--scenes", type=int, default=None)
+    ap.add_argument("--resume", default=None, help="continue training the UNet/text encoder of this model folder")
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
     overrides = {k: v for k, v in dict(steps=args.steps, vae_steps=args.vae_steps, scenes=args.scenes).items() if v}
-    train(replace(cfg, **overrides), args.device, args.seed, Path(args.out), log=lambda m: print(m, flush=True))
+    train(replace(cfg, **overrides), args.device, args.seed, Path(args.out), log=lambda m: print(m, flush=True),
+          resume=Path(args.resume) if args.resume else None)
 
 
 if __name__ == "__main__":
