@@ -38,6 +38,7 @@ class ToyConfig:
     vae_steps: int = 800
     vae_batch: int = 128
     vae_lr: float = 1e-3
+    decoder_steps: int = 0  # then the decoder alone (the encoder, so the UNet's latents, stay fixed)
     steps: int = 3000
     batch: int = 256
     lr: float = 5e-4
@@ -47,7 +48,7 @@ class ToyConfig:
 CONFIGS = {
     "gpu": ToyConfig(),
     # ~1 hour on a 2-core CPU: same UNet, a lighter VAE, far fewer samples seen than the GPU config
-    "cpu": ToyConfig(scenes=12_000, vae_channels=(32, 32, 32), vae_steps=400, vae_batch=32,
+    "cpu": ToyConfig(scenes=12_000, vae_channels=(32, 32, 32), vae_steps=400, vae_batch=32, decoder_steps=1500,
                      steps=2500, batch=48, lr=1e-3),
 }
 
@@ -90,23 +91,34 @@ def one_cycle(opt, lr, steps):
     return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
 
 
-def train_vae(vae, images, cfg, device, log=print, check_stop=None):
-    opt = torch.optim.AdamW(vae.parameters(), cfg.vae_lr, weight_decay=0)
-    sched = one_cycle(opt, cfg.vae_lr, cfg.vae_steps)
+def train_vae(vae, images, cfg, device, log=print, check_stop=None, decoder_only: bool = False):
+    """The whole VAE (L1 + MSE + tiny KL), or with decoder_only the decoder on the encoder's means."""
+    steps = cfg.decoder_steps if decoder_only else cfg.vae_steps
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()] if decoder_only else list(vae.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, cfg.vae_lr, weight_decay=0)
+    sched = one_cycle(opt, cfg.vae_lr, steps)
     vae.train()
-    for step in range(cfg.vae_steps):
+    for step in range(steps):
         x = to_pixels(images[torch.randint(len(images), (cfg.vae_batch,))], device)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        if decoder_only:
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.mean
+            recon = vae.decode(z).sample
+            loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        else:
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+            loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if check_stop:
             check_stop()
-        if step % 100 == 0 or step == cfg.vae_steps - 1:
-            log(f"  vae step {step}/{cfg.vae_steps}: loss {loss.item():.4f}")
+        if step % 100 == 0 or step == steps - 1:
+            log(f"  {'decoder' if decoder_only else 'vae'} step {step}/{steps}: loss {loss.item():.4f}")
     vae.eval()
 
 
@@ -159,7 +171,7 @@ def train(cfg: ToyConfig, device: str = "cpu", seed: int = 0, out: Path = TOY_MO
     log(f"generating {cfg.scenes} scenes")
     images, ids, _ = scene_dataset(cfg.scenes, seed, tokenizer, log)
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    if resume:  # continue the UNet and text encoder of a saved model; its VAE stays as it is
+    if resume:  # continue a saved model: its VAE encoder (so its latent space) stays as it is
         old = StableDiffusionPipeline.from_pretrained(resume, dtype=torch.float32)
         text, unet, vae = (m.to(dev).requires_grad_(True) for m in (old.text_encoder, old.unet, old.vae))
         vae.requires_grad_(False)
@@ -173,16 +185,21 @@ def train(cfg: ToyConfig, device: str = "cpu", seed: int = 0, out: Path = TOY_MO
         scale = float(1 / latents.std())
         vae.register_to_config(scaling_factor=scale)
         latents = latents * scale
-    log(f"latent scaling factor {scale:.4f}; training UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M) "
-        f"+ text encoder ({sum(p.numel() for p in text.parameters()) / 1e6:.2f}M)")
-    train_unet(unet, text, latents, ids, empty_ids, cfg, dev, log)
+    log(f"latent scaling factor {scale:.4f}; UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
+        f"text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M parameters")
+    if cfg.steps:
+        train_unet(unet, text, latents, ids, empty_ids, cfg, dev, log)
+    if cfg.decoder_steps:
+        log("fine-tuning the VAE decoder")
+        train_vae(vae, images, cfg, dev, log, decoder_only=True)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
         scheduler=DPMSolverMultistepScheduler(**SCHEDULER_CONFIG),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     out = Path(out)
     pipe.to(torch.device("cpu"), torch.float16).save_pretrained(out, safe_serialization=True)
-    (out / "training.json").write_text(json.dumps(dict(config=asdict(cfg), seed=seed, device=str(dev), resumed=bool(resume),
+    previous = json.loads((Path(resume) / "training.json").read_text()) if resume and (Path(resume) / "training.json").is_file() else None
+    (out / "training.json").write_text(json.dumps(dict(config=asdict(cfg), seed=seed, device=str(dev), previous=previous,
                                                        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                                                        minutes=round((time.time() - start) / 60, 1)), indent=2))
     log(f"saved to {out} after {(time.time() - start) / 60:.1f} min")
@@ -197,11 +214,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(TOY_MODEL))
     ap.add_argument("--steps", type=int, default=None, help="override the UNet step count")
     ap.add_argument("--vae-steps", type=int, default=None)
+    ap.add_argument("--decoder-steps", type=int, default=None)
     ap.add_argument("--scenes", type=int, default=None)
     ap.add_argument("--resume", default=None, help="continue training the UNet/text encoder of this model folder")
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
-    overrides = {k: v for k, v in dict(steps=args.steps, vae_steps=args.vae_steps, scenes=args.scenes).items() if v}
+    overrides = {k: v for k, v in dict(steps=args.steps, vae_steps=args.vae_steps, scenes=args.scenes,
+                                       decoder_steps=args.decoder_steps).items() if v is not None}
     train(replace(cfg, **overrides), args.device, args.seed, Path(args.out), log=lambda m: print(m, flush=True),
           resume=Path(args.resume) if args.resume else None)
 
