@@ -215,12 +215,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the UNet step count")
     ap.add_argument("--vae-steps", type=int, default=None)
     ap.add_argument("--decoder-steps", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None, help="override the UNet/text encoder learning rate")
     ap.add_argument("--scenes", type=int, default=None)
     ap.add_argument("--resume", default=None, help="continue training the UNet/text encoder of this model folder")
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
     overrides = {k: v for k, v in dict(steps=args.steps, vae_steps=args.vae_steps, scenes=args.scenes,
-                                       decoder_steps=args.decoder_steps).items() if v is not None}
+                                       decoder_steps=args.decoder_steps, lr=args.lr).items() if v is not None}
     train(replace(cfg, **overrides), args.device, args.seed, Path(args.out), log=lambda m: print(m, flush=True),
           resume=Path(args.resume) if args.resume else None)
 
