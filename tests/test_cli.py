@@ -8,8 +8,9 @@ from studio.cli import main
 
 def test_cli_generate_scale_history_compare(tmp_path, capsys):
     assert main(["generate", "--prompt", "a red circle", "--seed", "5", "--steps", "4", "--batch", "2",
-                 "--out", str(tmp_path / "plain"), "--device", "cpu"]) == 0
-    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["seed5.png", "seed6.png"]
+                 "--out", str(tmp_path / "batch"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "batch").iterdir()) == ["seed5.png", "seed6.png"]
+    assert main(["generate", "--prompt", "a red circle", "--seed", "5", "--steps", "4", "--out", str(tmp_path / "plain")]) == 0
     edits = tmp_path / "edits.safetensors"
     assert main(["scale", "--pattern", r"attn2\.to_v\.weight", "--factor", "0", "--save", str(edits)]) == 0
     assert main(["history", str(edits)]) == 0
