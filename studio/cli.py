@@ -4,6 +4,8 @@
     python -m studio generate --prompt "a red circle" --seed 0 --out outputs/ [--edits FILE] [--compare]
     python -m studio scale --pattern 'attn2\\.to_v\\.weight' --factor 0.5 --save edits.safetensors
     python -m studio history FILE
+    python -m studio erase red --preserve green,blue --templates toy --report --save erase.safetensors
+    python -m studio attention --prompt "a red circle and a blue square" --words circle,square --out DIR
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from .errors import StudioError
 from .generation import SAMPLERS, GenerationRequest
 
-SUBCOMMANDS = ("generate", "scale", "history")
+SUBCOMMANDS = ("generate", "scale", "history", "attention", "erase")
 
 
 def _model_args() -> argparse.ArgumentParser:
@@ -117,8 +119,17 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--save", required=True, help="edit file to write (.safetensors)")
             h = sub.add_parser("history", help="list the edits in an edit file")
             h.add_argument("file")
+            from .attention import cli as attention_cli
+
+            a = sub.add_parser("attention", parents=[_model_args()], help="cross-attention maps: grid, raw maps, manifest")
+            attention_cli.add_arguments(a)
+            from .erase import cli as erase_cli
+
+            e = sub.add_parser("erase", parents=[_model_args()], help="erase concepts; report, save, export")
+            erase_cli.add_arguments(e)
             args = p.parse_args(argv)
-            {"generate": _cmd_generate, "scale": _cmd_scale, "history": _cmd_history}[args.command](args)
+            {"erase": lambda a: print(*erase_cli.command(a, _manager(a)), sep="\n"), "generate": _cmd_generate, "scale": _cmd_scale, "history": _cmd_history,
+             "attention": lambda a: print(*attention_cli.command(a, _manager(a)), sep="\n")}[args.command](args)
             return 0
         args = _serve_parser().parse_args(argv)
         auth = None

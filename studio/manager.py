@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from . import layer_scale  # noqa: F401  (registers the "scale" edit kind)
+from .erase import closed_form, esd, guard  # noqa: F401  (register the erasure edit kinds)
 from .edit_files import load_edits, save_edits
 from .edits import Edit, EditStack, Entry, find_tensor
 from .errors import JobStopped, StudioError
@@ -114,7 +115,9 @@ class PipelineManager:
         if self._stop.is_set():
             raise JobStopped("stopped by the user")
 
-    def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, progress: Progress | None = None,
+                 prompt_embeds: torch.Tensor | None = None) -> GenerationResult:
+        """Generate `request`; `prompt_embeds` (1, 77, d), if given, replaces the encoded prompt."""
         with self.job():
             pipe = self.pipe
             r = request.validated(pipe)
@@ -124,15 +127,16 @@ class PipelineManager:
                 self.check_stop()
                 if progress:
                     progress(i + 1, r.steps)
-                return kwargs
+                return self._hooks_step_end(_pipe, i, _t, kwargs)
 
             start, scheduler = time.perf_counter(), pipe.scheduler
             pipe.scheduler = SAMPLERS[r.sampler].from_config(scheduler.config)
             try:
                 images = pipe(
-                    prompt=r.prompt, negative_prompt=r.negative_prompt or None, num_inference_steps=r.steps,
+                    prompt=None if prompt_embeds is not None else r.prompt, prompt_embeds=prompt_embeds,
+                    negative_prompt=r.negative_prompt or None, num_inference_steps=r.steps,
                     guidance_scale=r.guidance, height=r.height, width=r.width, num_images_per_prompt=r.batch,
-                    latents=latents.to(pipe.device, pipe.unet.dtype), generator=generators,
+                    latents=self._hooks_start(pipe, r, latents).to(pipe.device, pipe.unet.dtype), generator=generators,
                     callback_on_step_end=on_step,
                 ).images
             except torch.cuda.OutOfMemoryError:
@@ -207,3 +211,44 @@ class PipelineManager:
                 del self.stack.entries[start:]
                 raise
         return notes
+
+    # -- attention hooks (owner: studio/attention) ----------------------------------------------
+    # Edit-free hooks for the jobs run inside a `with` block: attention capture, attention-guided
+    # sampling. They are not edits (the model's weights and the History are untouched) and the
+    # lock is held for the whole block, so no other job ever sees them.
+    _sampling_hooks: tuple = ()
+
+    @contextmanager
+    def sampling_hooks(self, *hooks):
+        """Call each hook's start(pipe, request, latents) -> latents before sampling and
+        step_end(pipe, i, t, callback_kwargs) -> callback_kwargs after every step of generate()."""
+        with self.lock:
+            before = self._sampling_hooks
+            self._sampling_hooks = before + hooks
+            try:
+                yield
+            finally:
+                self._sampling_hooks = before
+
+    @contextmanager
+    def capture(self, **options):
+        """Capture attention in the generations run inside the block; yields the AttentionSession.
+
+        Options are those of studio.attention.capture.new_session (per_step, heads, negative,
+        self_steps, tokens, plugins). Leaving the block restores the exact original processors."""
+        from .attention.capture import install, new_session
+
+        with self.lock:
+            session = new_session(**options)
+            with install(self.pipe.unet, session), self.sampling_hooks(session):
+                yield session
+
+    def _hooks_start(self, pipe, request, latents):
+        for hook in self._sampling_hooks:
+            latents = hook.start(pipe, request, latents)
+        return latents
+
+    def _hooks_step_end(self, pipe, i, t, kwargs):
+        for hook in self._sampling_hooks:
+            kwargs = hook.step_end(pipe, i, t, kwargs)
+        return kwargs

@@ -53,3 +53,22 @@ def test_bad_input_through_the_ui_is_a_clear_error_and_changes_nothing(served):
     with pytest.raises(Exception, match="no edit to compare"):
         client.predict(0, *SETTINGS, api_name="/compare")
     assert manager.fingerprint() == f and manager.history() == []
+
+
+def test_erase_tab_erases_reports_exports_and_refuses_bad_input(served, tmp_path):
+    manager, client = served
+    f0 = manager.fingerprint()
+    erase = ["Closed form (UCE)", "red", "", "green, blue", "toy", "to_end", 0.5, 1, 1, 0, 1e-3, 0, 0.75,
+             "esd-x", 2, 20, 0.01, 2.0, ""]
+    status, _ = client.predict(*erase, api_name="/erase")
+    assert "Applied" in status and manager.stack.position == 1 and manager.fingerprint() != f0
+    grid, scores, _, _ = client.predict("red", "green, blue", 1, api_name="/erase_report")
+    groups = {row[0]: row for row in scores["data"]}
+    assert groups["efficacy: red"][2] == "100%" and len(grid) >= 2
+    path, note = client.predict("LoRA (kohya keys)", 4, api_name="/export")
+    assert path.endswith(".safetensors") and "reconstruction error" in note
+    with pytest.raises(Exception, match="both erased and preserved"):
+        client.predict(*erase[:3], "red", *erase[4:], api_name="/erase")
+    assert manager.stack.position == 1
+    client.predict(api_name="/undo")
+    assert manager.fingerprint() == f0

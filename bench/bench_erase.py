@@ -1,0 +1,152 @@
+"""Erasure benchmark: closed-form speed, undo, memory over cycles; on the toy world, the quality bars.
+
+    python bench/bench_erase.py [--arch toy|sd15] [--device auto] [--quality] [--out bench/results/erase.json]
+
+Speed: one concept erased with 100 preserve prompts, end to end (text encoding included), against
+the reference way (UCE's published loop: per layer, per prompt outer products, then an inverse)
+on the same inputs in the same run. Quality (toy only): oracle-measured presence for the bars of
+the erasure issue, RECE/RealEra vs the plain edit, and the specificity curve of stacked erasures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from studio.edits import find_tensor  # noqa: E402
+from studio.erase.closed_form import check_params, edited_layers, erase_edit, erase_sets  # noqa: E402
+from studio.erase.report import erasure_report  # noqa: E402
+from studio.manager import PipelineManager  # noqa: E402
+from studio.toyworld.scenes import COLOURS, POSITION_PHRASES, SHAPES, STYLES  # noqa: E402
+
+PRESERVE = [f"{st} {c} {s} {pos}" for st in STYLES for c in COLOURS for s in SHAPES for pos in POSITION_PHRASES][:100]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reference_uce(pipe, params) -> list[torch.Tensor]:
+    """UCE as its authors wrote it: for each layer, accumulate outer products prompt by prompt, invert."""
+    p = check_params(params)
+    E, G, P = erase_sets(pipe, p)
+    out = []
+    with torch.no_grad():
+        for name in edited_layers(pipe):
+            w = find_tensor(pipe, name).float()
+            mat1 = p["lam"] * w
+            mat2 = p["lam"] * torch.eye(w.shape[1], device=w.device)
+            for e, g in zip(E, G):
+                mat1 += p["erase_scale"] * torch.outer(w @ g, e)
+                mat2 += p["erase_scale"] * torch.outer(e, e)
+            for q in P:
+                mat1 += p["preserve_scale"] * torch.outer(w @ q, q)
+                mat2 += p["preserve_scale"] * torch.outer(q, q)
+            out.append(mat1 @ torch.inverse(mat2))
+    return out
+
+
+def timed(fn, device, repeat=5) -> float:
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def speed(manager, concept: str) -> dict:
+    device = manager.pipe.device
+    params = erase_edit(concept, preserve=PRESERVE).params
+    studio_s = timed(lambda: (manager.apply(erase_edit(concept, preserve=PRESERVE)), manager.undo()), device)
+    manager.apply(erase_edit(concept, preserve=PRESERVE))
+    undo_s = timed(lambda: (manager.undo(), manager.redo()), device, repeat=20) / 2
+    manager.undo()
+    reference_s = timed(lambda: reference_uce(manager.pipe, params), device, repeat=3)
+    memory = []
+    for _ in range(50):
+        manager.apply(erase_edit(concept, preserve=PRESERVE))
+        manager.undo()
+        memory.append(torch.cuda.memory_allocated() / 2**20 if device.type == "cuda"
+                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"erase_s (studio, incl. undo)": studio_s, "reference_uce_s": reference_s, "undo_ms": undo_s * 1000,
+            "memory_first_mb": memory[0], "memory_last_mb": memory[-1], "memory_kind": "cuda allocated" if
+            device.type == "cuda" else "max RSS", "preserve_prompts": len(PRESERVE)}
+
+
+def summary(report) -> dict:
+    return {s["group"]: {"before": s["before"], "after": s["after"], "prompts": s["prompts"]} for s in report.summary()}
+
+
+def quality(manager, seeds: int) -> dict:
+    others = [c for c in COLOURS if c != "red"]
+    out = {}
+    for name, kw in [("red: UCE", {}), ("red: UCE+RECE(1)", dict(rece_rounds=1)),
+                     ("red: UCE+RealEra(8)", dict(neighbours=8))]:
+        manager.apply(erase_edit("red", preserve=others, templates="toy", **kw))
+        out[name] = summary(erasure_report(manager, ["red"], others, seeds=seeds))
+        manager.undo()
+        print(name, json.dumps(out[name]), flush=True)
+    manager.apply(erase_edit("striped", templates="toy", preserve=["dotted", "outlined", "solid"]))
+    out["striped: UCE"] = summary(erasure_report(manager, ["striped"], ["dotted", "outlined"], seeds=seeds))
+    manager.undo()
+    print("striped", json.dumps(out["striped: UCE"]), flush=True)
+    # stacked erasures: specificity on concepts never erased, after 1, 3 and 10 edits
+    from studio.toyworld.evaluate import presence_rate
+
+    order = ["red", "striped", "circle", "green", "dotted", "square", "yellow", "outlined", "triangle", "purple"]
+    kept = {"blue": ["a blue star", "a blue square"], "orange": ["an orange circle", "an orange triangle"]}
+    curve = {0: sum(presence_rate(manager, p, c, seeds=seeds) for c, p in kept.items()) / len(kept)}
+    for i, concept in enumerate(order, 1):
+        manager.apply(erase_edit(concept, templates="toy"))
+        if i in (1, 3, 10):
+            curve[i] = sum(presence_rate(manager, p, c, seeds=seeds) for c, p in kept.items()) / len(kept)
+            print("stacked", i, curve[i], flush=True)
+    manager.reset()
+    out["stacked erasures: blue/orange presence"] = curve
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=["toy", "sd15"], default="toy")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--quality", action="store_true", help="toy only: the oracle-measured bars (slow on CPU)")
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--out", default="bench/results/erase.json")
+    args = ap.parse_args()
+    if args.arch == "sd15":
+        from studio.demo_model import build_demo_pipeline
+
+        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        manager = PipelineManager.from_pipeline(build_demo_pipeline(arch="sd15").to(device, dtype), "random SD-1.5")
+    else:
+        manager = PipelineManager("builtin", device=args.device)
+    results = {"model": manager.describe(), "device": str(manager.pipe.device), "threads": torch.get_num_threads(),
+               "cpus": os.cpu_count(), "speed": speed(manager, "red")}
+    print(f"{'model':<34}{'studio erase':>14}{'reference UCE':>15}{'undo':>10}{'memory first→last':>22}")
+    s = results["speed"]
+    print(f"{results['model'][:33]:<34}{s['erase_s (studio, incl. undo)']:>13.3f}s{s['reference_uce_s']:>14.3f}s"
+          f"{s['undo_ms']:>8.2f}ms{s['memory_first_mb']:>12.1f}→{s['memory_last_mb']:.1f} MB ({s['memory_kind']})")
+    if args.quality:
+        results["quality"] = quality(manager, args.seeds)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""What one attention job leaves behind: images and captured attention, on the CPU.
+
+Every view (word maps, a step, a head, a clicked pixel's self-attention, an export) is redrawn
+from an AttentionResult without touching the model, so changing a slider never queues on the
+GPU. Results are kept server-side in a small ResultCache; the UI holds only their key (heavy
+objects never go into gr.State, which deep-copies).
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import StudioError
+from .capture import AttentionSession, block_of
+from .tokens import Word, prompt_words
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    block: str  # down | mid | up
+    h: int
+    w: int
+
+    @property
+    def resolution(self) -> int:
+        return self.h
+
+
+@dataclass
+class AttentionResult:
+    mode: str                              # "generate" or "image"
+    images: list                           # PIL images, one per batch row
+    prompt: str
+    negative: str
+    seeds: list[int]
+    steps: int                             # denoising steps captured (1 for an uploaded image)
+    tokenizer: object
+    layers: dict[str, LayerInfo]           # cross-attention layers
+    means: dict[str, torch.Tensor]         # name -> (branches, B, N, T) or (branches, B, H, N, T): mean over steps
+    per_step: dict[str, torch.Tensor] | None  # name -> (S, branches, B, N, T), head mean, fp16
+    branches: tuple[str, ...]              # ("prompt",) or ("negative", "prompt")
+    heads: int | None                      # heads kept separately (None: head mean only)
+    self_layers: dict[str, LayerInfo] = field(default_factory=dict)
+    self_qk: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    control_log: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the images."""
+        return self.images[0].height, self.images[0].width
+
+    def words(self, special: bool = False, branch: str = "prompt") -> list[Word]:
+        return prompt_words(self.tokenizer, self.negative if branch == "negative" else self.prompt, special)
+
+    def resolutions(self) -> list[int]:
+        return sorted({layer.resolution for layer in self.layers.values()}, reverse=True)
+
+
+def from_session(session: AttentionSession, *, mode: str, images, prompt: str, negative: str, seeds, steps: int,
+                 tokenizer, settings: dict, seconds: float = 0.0) -> AttentionResult:
+    """Move what a session captured to the CPU and give it the (branches, B, ...) layout."""
+    store = session.cross
+    if store is None or not store.sums:
+        raise StudioError("no cross-attention was captured: does this model have cross-attention layers?")
+    branches = ("negative", "prompt") if store.negative and store.cfg_batches else ("prompt",)
+    nb = len(branches)
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # (rows, ...) -> (branches, B, ...)
+        return t.reshape(nb, t.shape[0] // nb, *t.shape[1:])
+
+    layers, means, per_step = {}, {}, {} if store.per_step else None
+    for name, s in store.sums.items():
+        h, w = session.geometry[name]
+        layers[name] = LayerInfo(name, block_of(name), h, w)
+        means[name] = split((s / store.counts[name]).cpu())
+        if per_step is not None and store.steps.get(name):
+            per_step[name] = torch.stack([split(x) for x in store.steps[name]]).cpu()
+    heads = next(iter(means.values())).shape[2] if store.heads else None
+    self_layers, self_qk = {}, {}
+    for (step, name), (q, k) in session.self_qk.items():
+        h, w = session.geometry[name]
+        self_layers[name] = LayerInfo(name, block_of(name), h, w)
+        self_qk.setdefault(step, {})[name] = (q.cpu(), k.cpu())
+    return AttentionResult(mode, list(images), prompt, negative, list(seeds), steps, tokenizer, layers, means,
+                           per_step or None, branches, heads, self_layers, self_qk, settings, seconds=seconds)
+
+
+class ResultCache:
+    """The last few results, by key: the UI keeps only the key in its state."""
+
+    def __init__(self, size: int = 6):
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+        self._ids = itertools.count(1)
+
+    def put(self, result: AttentionResult) -> str:
+        with self._lock:
+            key = f"r{next(self._ids)}"
+            self._items[key] = result
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return key
+
+    def get(self, key: str | None) -> AttentionResult:
+        with self._lock:
+            if not key or key not in self._items:
+                raise StudioError("no attention result to show: run a generation (or analyse an image) first")
+            self._items.move_to_end(key)
+            return self._items[key]

@@ -1,0 +1,79 @@
+"""`python -m studio erase`: erase concepts headless, report, save the edit, export a LoRA or the pipeline.
+
+    python -m studio erase red --preserve green,blue --templates toy --rece 1 --report --save erase.safetensors
+    python -m studio erase "Van Gogh" --guide art --templates style --export-lora vangogh-lora.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..toyworld import concepts as toy_concepts
+from . import esd
+from .closed_form import DEFAULTS, erase_edit
+from .guard import guard_edit
+from .report import erasure_report
+
+
+def _list(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("concepts", type=_list, help="concepts to erase, comma-separated")
+    p.add_argument("--method", choices=["uce", "guard", "esd"], default="uce",
+                   help="closed form (default), inference-time guard, or fine-tuned LoRA")
+    p.add_argument("--guide", default="", help="what the concept should become (default: empty prompt)")
+    p.add_argument("--preserve", type=_list, default=[], help="concepts to keep, comma-separated")
+    p.add_argument("--templates", default="object", help="object, style, toy, none, or templates joined by '|'")
+    p.add_argument("--tokens", choices=["to_end", "word"], default=DEFAULTS["tokens"])
+    p.add_argument("--lam", type=float, default=DEFAULTS["lam"])
+    p.add_argument("--erase-scale", type=float, default=DEFAULTS["erase_scale"])
+    p.add_argument("--preserve-scale", type=float, default=DEFAULTS["preserve_scale"])
+    p.add_argument("--rece", type=int, default=0, help="RECE hardening rounds (1-3)")
+    p.add_argument("--rece-lambda", type=float, default=DEFAULTS["rece_lambda"])
+    p.add_argument("--neighbours", type=int, default=0, help="RealEra neighbour samples per vector")
+    p.add_argument("--esd-method", choices=list(esd.METHODS), default="esd-x")
+    p.add_argument("--rank", type=int, default=2, help="LoRA rank of the fine-tuned adapter")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=None, help="default: chosen from the model's size")
+    p.add_argument("--captions", type=lambda t: [c.strip() for c in t.split("|") if c.strip()], default=None,
+                   help="ESD training captions containing the concept, joined by '|' (toy world: filled in)")
+    p.add_argument("--report", action="store_true", help="print the before/after table (toy world: measured)")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt in the report")
+    p.add_argument("--save", help="write the edit file (.safetensors)")
+    p.add_argument("--export-lora", help="write the weight change as a kohya-style LoRA (.safetensors)")
+    p.add_argument("--export-rank", type=int, default=4)
+    p.add_argument("--export-pipeline", help="save the whole edited pipeline to this folder")
+
+
+def command(args, manager) -> list[str]:
+    templates = args.templates.split("|") if "{}" in args.templates else args.templates
+    if args.method == "uce":
+        edit = erase_edit(args.concepts, guide=args.guide, preserve=args.preserve, templates=templates,
+                          tokens=args.tokens, lam=args.lam, erase_scale=args.erase_scale,
+                          preserve_scale=args.preserve_scale, rece_rounds=args.rece, rece_lambda=args.rece_lambda,
+                          neighbours=args.neighbours)
+    elif args.method == "guard":
+        edit = guard_edit(args.concepts, templates=templates)
+    else:
+        captions = args.captions
+        if captions is None and manager.info.kind == "builtin-toy":
+            captions = [t.format(args.concepts[0]) for t in toy_concepts.templates(args.concepts[0])]
+        edit = esd.train_esd(manager, args.concepts[0], method=args.esd_method, rank=args.rank, steps=args.steps,
+                             lr=args.lr, concept_prompts=captions, progress=lambda i, n: print(f"\rstep {i}/{n}", end="", flush=True))
+    entry = manager.apply(edit)
+    lines = [f"{entry.edit.title}: {len(entry.patch.originals)} tensors; fingerprint {manager.fingerprint()[:12]}"]
+    if args.report:
+        lines.append(erasure_report(manager, args.concepts, args.preserve, seeds=args.seeds).table())
+    if args.save:
+        lines.append(f"edit file: {manager.save_edits(args.save)}")
+    if args.export_lora:
+        from ..lora_export import export_lora
+
+        rep = export_lora(manager, args.export_lora, rank=args.export_rank)
+        lines.append(f"LoRA: {rep['path']} (rank {rep['rank']}, relative error {rep['error']:.2e})")
+    if args.export_pipeline:
+        from ..lora_export import export_pipeline
+
+        lines.append(f"pipeline: {export_pipeline(manager, args.export_pipeline)}")
+    return lines

@@ -1,0 +1,89 @@
+"""Inference-time guard (SAFREE-like): project prompt tokens off a concept subspace. No weight changes.
+
+For each concept, its direction is the mean of (concept vector − neutral vector) over templates,
+and its subspace the top singular directions of those differences. At generation time a prompt
+token "triggers" when its score along a concept's direction exceeds `threshold` × the score of the
+concept word itself; from the first trigger on (CLIP's causal encoder spreads the concept into every
+later token) the tokens' components in the subspace are replaced by the neutral ones. The
+pipeline's `encode_prompt` is swapped through the edit stack, so the guard toggles instantly and
+undoes exactly, but anyone holding the weights can bypass it: the UI says so.
+
+SAFREE finds triggers by masking each token; a direct score is one matrix product and, measured on
+the toy model, separates red/crimson/scarlet (9.2–9.5) from orange (6.3) and the other colours (≤ 4.2).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..edits import Edit, edit_kind
+from ..errors import StudioError
+from .text import concept_rows, templates_for
+
+DEFAULTS = dict(templates="object", threshold=0.75, energy=0.9, max_rank=16)
+
+
+def guard_edit(concepts: list[str] | str, **params) -> Edit:
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    p = {**DEFAULTS, **params, "concepts": concepts}
+    return Edit("erase_guard", p, label=f"guard {', '.join(map(repr, concepts))} (inference-time, bypassable)")
+
+
+class ConceptGuard:
+    """Cleans prompt embeddings: from the first trigger token on, the concept-subspace part becomes neutral."""
+
+    def __init__(self, directions, thresholds, basis, centre):
+        # (concepts, d) unit directions, (concepts,) trigger levels, (d, k) subspace basis, (d,) neutral centre
+        self.directions, self.thresholds, self.basis, self.centre = directions, thresholds, basis, centre
+
+    def triggers(self, emb: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens) bool: this token or an earlier one (SOS excluded) carries a concept."""
+        scores = (emb.float() - self.centre.to(emb.device)) @ self.directions.to(emb.device).T
+        hit = (scores > self.thresholds.to(emb.device)).any(-1)
+        hit[:, 0] = False
+        return hit.int().cummax(dim=1).values.bool()
+
+    def clean(self, emb: torch.Tensor) -> torch.Tensor:
+        basis, centre = self.basis.to(emb.device), self.centre.to(emb.device)
+        x = emb.float()
+        cleaned = x - ((x - centre) @ basis) @ basis.T
+        return torch.where(self.triggers(emb).unsqueeze(-1), cleaned, x).to(emb.dtype)
+
+
+def build_guard(pipe, p: dict) -> ConceptGuard:
+    concepts = [c.strip() for c in p["concepts"] if c.strip()]
+    if not concepts:
+        raise StudioError("type at least one concept for the guard")
+    if not 0 < p["energy"] <= 1 or not 1 <= int(p["max_rank"]) <= 256 or not 0 < p["threshold"] <= 2:
+        raise StudioError("guard: energy must be in (0, 1], max_rank in 1..256, threshold in (0, 2]")
+    diffs, neutral, words = [], [], []
+    for c in concepts:
+        templates = templates_for(p["templates"], c)
+        e, g = concept_rows(pipe, templates, c, "", "to_end")
+        diffs.append(e - g)
+        neutral.append(g)
+        words.append(concept_rows(pipe, templates, c, "", "word")[0])
+    centre = torch.cat(neutral).mean(0)
+    directions = torch.stack([d.mean(0) / d.mean(0).norm() for d in diffs])
+    thresholds = p["threshold"] * torch.stack([((w - centre) @ u).mean() for w, u in zip(words, directions)])
+    _, s, vh = torch.linalg.svd(torch.cat(diffs).double(), full_matrices=False)
+    share = (s ** 2).cumsum(0) / (s ** 2).sum()
+    k = min(int((share < p["energy"]).sum()) + 1, int(p["max_rank"]))
+    return ConceptGuard(directions, thresholds, vh[:k].T.float(), centre)
+
+
+@edit_kind("erase_guard")
+def apply_guard(pipe, params: dict, tensors: dict, patch) -> None:
+    unknown = set(params) - set(DEFAULTS) - {"concepts"}
+    if unknown:
+        raise StudioError(f"unknown guard parameter(s): {', '.join(sorted(unknown))}")
+    guard = build_guard(pipe, {**DEFAULTS, **params})
+    encode = pipe.encode_prompt
+
+    @functools.wraps(encode)
+    def guarded(*args, **kwargs):
+        embeds, negative = encode(*args, **kwargs)
+        return guard.clean(embeds), negative
+
+    patch.set_attr(pipe, "encode_prompt", guarded)

@@ -1,0 +1,156 @@
+"""How well an erasure worked: before/after images on fixed seeds and, on the toy world, measured scores.
+
+Efficacy: the erased concept's presence on prompts that ask for it. Generality: presence under its
+synonyms and paraphrased prompts. Specificity: neighbours of the same kind still appear. Robustness:
+presence when the prompt's embedding is replaced by RECE's attack embedding, the input on which the
+edited K/V layers best reproduce the original ones. Before is the model one edit earlier.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import StudioError
+from ..generation import GenerationRequest
+from ..toyworld import concepts as toy
+from .closed_form import LAYER_SUFFIXES
+from .text import encode
+
+PARAPHRASES = ("a photo of {}", "{} on the left", "a picture of {} at the top")
+
+
+@dataclass
+class Probe:
+    group: str
+    prompt: str
+    concept: str  # canonical word the oracle looks for
+    attack: bool = False
+
+
+@dataclass
+class ErasureReport:
+    rows: list[dict] = field(default_factory=list)  # group, prompt, concept, before, after
+    grid: list[tuple] = field(default_factory=list)  # (image, caption), before/after pairs on seed 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> list[dict]:
+        """Mean presence per group, before and after."""
+        groups: dict[str, list[dict]] = {}
+        for r in self.rows:
+            groups.setdefault(r["group"], []).append(r)
+        return [dict(group=g, prompts=len(rs), before=sum(r["before"] for r in rs) / len(rs),
+                     after=sum(r["after"] for r in rs) / len(rs)) for g, rs in groups.items()]
+
+    def table(self) -> str:
+        lines = [f"{'group':<34}{'prompts':>8}{'before':>9}{'after':>9}"]
+        lines += [f"{s['group']:<34}{s['prompts']:>8}{s['before']:>9.0%}{s['after']:>9.0%}" for s in self.summary()]
+        return "\n".join(lines + self.notes)
+
+    def chart(self):
+        """A matplotlib bar chart of presence before vs after, one pair of bars per group."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        s = self.summary()
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        x = torch.arange(len(s)).numpy()
+        ax.bar(x - 0.2, [r["before"] for r in s], 0.4, label="before", color="#8aa1b1")
+        ax.bar(x + 0.2, [r["after"] for r in s], 0.4, label="after", color="#d1495b")
+        ax.set_xticks(x, [r["group"] for r in s], rotation=15, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("oracle: concept present")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+
+def probes(erased: list[str], preserve: list[str] = ()) -> list[Probe]:
+    """The toy-world prompts that judge erasing `erased` (words the toy world knows)."""
+    out = []
+    for word in erased:
+        c = toy.canonical(word)
+        own = toy.prompts(word)
+        out += [Probe(f"efficacy: {word}", p, c) for p in own]
+        out += [Probe(f"generality: synonyms of {word}", p, c) for s in toy.synonyms(word) for p in toy.prompts(s)[:2]]
+        out += [Probe(f"generality: paraphrases of {word}", t.format(own[i]), c) for i, t in enumerate(PARAPHRASES)]
+        out += [Probe(f"robustness: attack on {word}", p, c, attack=True) for p in own]
+        if toy.kind(word) == "style":  # the rest of the same prompts must survive
+            out += [Probe(f"specificity: {word} prompts' shapes", p, p.split()[-1]) for p in own]
+        others = [n for n in list(preserve) + toy.neighbours(word) if toy.canonical(n) not in map(toy.canonical, erased)]
+        out += [Probe("specificity: neighbours", toy.prompts(n)[i % 2], toy.canonical(n))
+                for i, n in enumerate(dict.fromkeys(others))]
+    return out
+
+
+def attack_embedding(manager, prompt: str, entry, lam: float = 1e-3) -> torch.Tensor | None:
+    """RECE's attack: c' = (Σ W'ᵀW' + λI)⁻¹ Σ W'ᵀW c over the K/V layers `entry` changed (None if none)."""
+    names = [n for n in entry.patch.originals if n.endswith(LAYER_SUFFIXES["kv"]) and ".attn2." in n]
+    if not names:
+        return None
+    pipe = manager.pipe
+    c = encode(pipe, [prompt])[0].double()
+    live = {n: entry.patch.read(n).detach().double().cpu() for n in names}
+    gram_new = sum(live[n].T @ live[n] for n in names)
+    cross = sum(live[n].T @ entry.patch.originals[n].double() for n in names)
+    eye = torch.eye(c.shape[1], dtype=torch.float64)
+    attacked = c.cpu() @ torch.linalg.solve(gram_new + lam * eye, cross).T
+    return attacked.unsqueeze(0).to(pipe.device, pipe.text_encoder.dtype)
+
+
+def erasure_report(manager, erased: list[str], preserve: list[str] = (), index: int | None = None,
+                   seeds: int = 4, steps: int = 20, progress=None) -> ErasureReport:
+    """Score history entry `index` (1-based, default: the latest applied) against the model before it."""
+    from ..toyworld.evaluate import bundled_oracle
+
+    report = ErasureReport()
+    with manager.lock:
+        stack = manager.stack
+        index = stack.position if index is None else int(index)
+        if not 1 <= index <= stack.position:
+            raise StudioError("there is no applied edit to report on: erase something first")
+        entry = stack.entries[index - 1]
+        unknown = [w for w in erased if toy.kind(w) is None]
+        if manager.info.kind != "builtin-toy" or unknown:
+            report.notes.append("No oracle for this model/concept: showing the before/after grid only "
+                                "(no CLIP model is available locally to score it).")
+            items = [Probe(p, p, "") for w in erased for p in (f"a photo of {w}", f"{w}", f"art by {w}")]
+        else:
+            items = probes(erased, preserve)
+        oracle = bundled_oracle() if not report.notes else None
+        here = stack.position
+        try:
+            results = {}
+            for phase, position in (("before", index - 1), ("after", index)):
+                stack.goto(position)
+                for i, probe in enumerate(items):
+                    embeds = None
+                    if probe.attack:
+                        embeds = attack_embedding(manager, probe.prompt, entry) if phase == "after" else None
+                        if phase == "after" and embeds is None:
+                            continue
+                    r = manager.generate(GenerationRequest(probe.prompt, seed=0, batch=seeds, steps=steps),
+                                         prompt_embeds=embeds)
+                    results[phase, i] = r.images
+                    if progress:
+                        progress(len(results), 2 * len(items))
+        finally:
+            stack.goto(here)
+    if any(p.attack for p in items) and not any(("after", i) in results for i, p in enumerate(items) if p.attack):
+        report.notes.append("robustness: this edit changed no cross-attention K/V weights, so there is no "
+                            "closed-form attack embedding (an inference-time guard is bypassed by editing the code).")
+    shown = set()
+    for i, probe in enumerate(items):
+        if ("after", i) not in results:
+            continue
+        before = results["before", i]
+        if probe.group not in shown:
+            shown.add(probe.group)
+            report.grid += [(before[0], f"before · {probe.prompt}"),
+                            (results["after", i][0], f"after · {probe.prompt}" + (" (attack)" if probe.attack else ""))]
+        if oracle:
+            rate = lambda ims: sum(oracle.presence(im, probe.concept) for im in ims) / len(ims)  # noqa: E731
+            report.rows.append(dict(group=probe.group, prompt=probe.prompt, concept=probe.concept,
+                                    before=rate(before), after=rate(results["after", i])))
+    return report

@@ -1,0 +1,84 @@
+"""Text-encoder vectors of concepts in prompt templates: what the closed-form edits and the guard act on.
+
+Cross-attention K/V layers only ever see text-encoder outputs, so erasing a concept means
+changing what those layers make of the vectors that carry it. With CLIP's causal encoder the
+concept's own tokens and every position after them carry it; `concept_rows` returns either.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import StudioError
+
+TEMPLATES = {
+    "object": ["{}", "a {}", "a photo of a {}", "a picture of a {}"],
+    "style": ["{}", "art by {}", "a painting in the style of {}", "{} style"],
+    "none": ["{}"],
+}
+
+
+def templates_for(spec, concept: str = "") -> list[str]:
+    """A preset name ('object', 'style', 'none', 'toy') or a list of templates with one '{}' each.
+
+    'toy' puts the word where the toy world's captions put a word of its kind.
+    """
+    if isinstance(spec, str):
+        if spec == "toy":
+            from ..toyworld.concepts import templates
+            return templates(concept)
+        if spec not in TEMPLATES:
+            raise StudioError(f"unknown template preset {spec!r}; use one of {', '.join(TEMPLATES)}, toy or a list")
+        return TEMPLATES[spec]
+    templates = [t for t in spec if t.strip()]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad or not templates:
+        raise StudioError(f"each prompt template needs exactly one '{{}}' for the concept (bad: {bad or spec})")
+    return templates
+
+
+@torch.no_grad()
+def encode(pipe, prompts: list[str]) -> torch.Tensor:
+    """(len(prompts), 77, d) text-encoder outputs in fp32, as the pipeline feeds them to the UNet."""
+    tok = pipe.tokenizer
+    for p in prompts:
+        n = len(tok(p).input_ids)
+        if n > tok.model_max_length:
+            raise StudioError(f"prompt {p[:60]!r} is {n} tokens; the text encoder reads {tok.model_max_length}")
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0].float()
+
+
+def word_start(tokenizer, template: str, word: str) -> tuple[int, int]:
+    """(first position, token count) of `word` filled into `template` (SOS is position 0).
+
+    An empty word sits where it would have been: the count is 0.
+    """
+    prefix = template.split("{}")[0].strip()
+    start = 1 + (len(tokenizer(prefix, add_special_tokens=False).input_ids) if prefix else 0)
+    return start, len(tokenizer(word, add_special_tokens=False).input_ids) if word.strip() else 0
+
+
+def concept_rows(pipe, templates: list[str], concept: str, target: str, tokens: str = "to_end"):
+    """Paired vectors (concept in each template, target in the same template).
+
+    tokens='to_end' (UCE's choice): from the concept's first token to the end of the sequence,
+    aligned position by position with the target's. tokens='word': the concept's own tokens,
+    each paired with the target's token at the same offset (or its last one).
+    Returns (concept_rows, target_rows), each (n, d) fp32.
+    """
+    if tokens not in ("to_end", "word"):
+        raise StudioError(f"tokens must be 'to_end' or 'word' (got {tokens!r})")
+    emb = encode(pipe, [t.format(concept) for t in templates] + [t.format(target) for t in templates])
+    n, length = len(templates), emb.shape[1]
+    rows_c, rows_t = [], []
+    for i, template in enumerate(templates):
+        (sc, nc), (st, nt) = word_start(pipe.tokenizer, template, concept), word_start(pipe.tokenizer, template, target)
+        if tokens == "to_end":
+            span = length - max(sc, st)
+            rows_c.append(emb[i, sc:sc + span])
+            rows_t.append(emb[n + i, st:st + span])
+        else:
+            rows_c.append(emb[i, sc:sc + nc])
+            rows_t.append(emb[n + i, [st + min(j, max(nt - 1, 0)) for j in range(nc)]])
+    return torch.cat(rows_c), torch.cat(rows_t)
