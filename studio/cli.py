@@ -120,16 +120,17 @@ def main(argv: list[str] | None = None) -> int:
             h = sub.add_parser("history", help="list the edits in an edit file")
             h.add_argument("file")
             from .attention import cli as attention_cli
-
-            a = sub.add_parser("attention", parents=[_model_args()], help="cross-attention maps: grid, raw maps, manifest")
-            attention_cli.add_arguments(a)
             from .erase import cli as erase_cli
 
-            e = sub.add_parser("erase", parents=[_model_args()], help="erase concepts; report, save, export")
-            erase_cli.add_arguments(e)
+            plugins = {"attention": (attention_cli, "cross-attention maps: grid, raw maps, manifest"),
+                       "erase": (erase_cli, "erase concepts; report, save the edit, export a LoRA or the pipeline")}
+            for name, (module, help_text) in plugins.items():
+                module.add_arguments(sub.add_parser(name, parents=[_model_args()], help=help_text))
             args = p.parse_args(argv)
-            {"erase": lambda a: print(*erase_cli.command(a, _manager(a)), sep="\n"), "generate": _cmd_generate, "scale": _cmd_scale, "history": _cmd_history,
-             "attention": lambda a: print(*attention_cli.command(a, _manager(a)), sep="\n")}[args.command](args)
+            if args.command in plugins:
+                print(*plugins[args.command][0].command(args, _manager(args)), sep="\n")
+            else:
+                {"generate": _cmd_generate, "scale": _cmd_scale, "history": _cmd_history}[args.command](args)
             return 0
         args = _serve_parser().parse_args(argv)
         auth = None

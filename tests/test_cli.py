@@ -23,7 +23,21 @@ def test_cli_generate_scale_history_compare(tmp_path, capsys):
     assert np.array_equal(before, plain) and not np.array_equal(before, after)
 
 
+def test_cli_erase_saves_an_edit_that_reapplies_and_exports_a_lora(tmp_path, capsys):
+    edits, lora = tmp_path / "erase.safetensors", tmp_path / "lora.safetensors"
+    assert main(["erase", "red", "--preserve", "green,blue", "--templates", "toy", "--rece", "1", "--device", "cpu",
+                 "--save", str(edits), "--export-lora", str(lora)]) == 0
+    out = capsys.readouterr().out
+    assert "UCE+RECE" in out and "relative error" in out and lora.stat().st_size > 0
+    assert main(["history", str(edits)]) == 0
+    assert "kind=erase_closed_form" in capsys.readouterr().out
+    assert main(["generate", "--prompt", "a red circle", "--steps", "4", "--edits", str(edits), "--compare",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    assert "re-applied exactly" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["erase", "red", "--guide", "red"], "toward itself"),
     (["--model", "model.ckpt"], "allow-pickle"),
     (["generate", "--prompt", "x", "--width", "63", "--out", "unused"], "multiple of 8"),
     (["--auth", "nopassword"], "user:password"),
