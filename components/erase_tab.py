@@ -31,7 +31,7 @@ def words(text: str) -> list[str]:
 
 def erase(manager: PipelineManager, method, concepts, guide, preserve, templates, tokens, lam, erase_scale,
           preserve_scale, rece_rounds, rece_lambda, neighbours, threshold, esd_method, rank, steps, lr, eta,
-          captions="", preview=None, progress=None):
+          strength=1.0, captions="", preview=None, progress=None):
     """Build the chosen edit and put it on the stack; returns a status line."""
     erase_list, keep = words(concepts), words(preserve)
     if not erase_list:
@@ -52,6 +52,8 @@ def erase(manager: PipelineManager, method, concepts, guide, preserve, templates
                              lr=float(lr) if lr else None, eta=float(eta), concept_prompts=captions or None,
                              progress=progress,
                              preview=preview and (lambda step, images: preview(images)))
+        if float(strength) != 1.0:
+            edit = esd.with_strength(edit, float(strength))
     else:
         raise StudioError(f"unknown method {method!r}")
     entry = manager.apply(edit)
@@ -106,6 +108,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                 lr = gr.Number(value=esd.suggested_lr(manager.pipe),
                                label=f"Learning rate (LoRA; published full-weight ESD: {esd.PUBLISHED_LR})")
                 eta = gr.Slider(0, 5, value=2.0, label="η (negative guidance)")
+                strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Adapter strength")
                 captions = gr.Textbox(label="Training captions with the concept (one per line, optional)", lines=3,
                                       placeholder="the toy world fills these in: a red circle, a red square, …")
             with gr.Row():
@@ -129,7 +132,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
             note = gr.Markdown()
 
     settings = [method, concepts, guide, preserve, templates, tokens, lam, erase_scale, preserve_scale,
-                rece_rounds, rece_lambda, neighbours, threshold, esd_method, rank, steps, lr, eta, captions]
+                rece_rounds, rece_lambda, neighbours, threshold, esd_method, rank, steps, lr, eta, strength, captions]
 
     @user_errors
     def on_erase(*values, progress=gr.Progress()):

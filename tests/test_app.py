@@ -59,7 +59,7 @@ def test_erase_tab_erases_reports_exports_and_refuses_bad_input(served, tmp_path
     manager, client = served
     f0 = manager.fingerprint()
     erase = ["Closed form (UCE)", "red", "", "green, blue", "toy", "to_end", 0.5, 1, 1, 0, 1e-3, 0, 0.75,
-             "esd-x", 2, 20, 0.01, 2.0, ""]
+             "esd-x", 2, 20, 0.01, 2.0, 1.0, ""]
     status, _ = client.predict(*erase, api_name="/erase")
     assert "Applied" in status and manager.stack.position == 1 and manager.fingerprint() != f0
     grid, scores, _, _ = client.predict("red", "green, blue", 1, api_name="/erase_report")
@@ -72,3 +72,26 @@ def test_erase_tab_erases_reports_exports_and_refuses_bad_input(served, tmp_path
     assert manager.stack.position == 1
     client.predict(api_name="/undo")
     assert manager.fingerprint() == f0
+
+
+def test_stream_job_relays_previews_progress_and_errors():
+    from components.common import stream_job
+
+    ticks = []
+
+    def job(preview, tick):
+        for i in range(3):
+            tick(i + 1, 3)
+            preview([f"image {i}"])
+        return "done"
+
+    progress = lambda value, desc: ticks.append(value)  # noqa: E731
+    updates = list(stream_job(job, progress))
+    assert updates[-1] == (["image 2"], "done") and [u[0] for u in updates[:3]] == [["image 0"], ["image 1"], ["image 2"]]
+    assert ticks == [(1, 3), (2, 3), (3, 3)]
+
+    def failing(preview, tick):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        list(stream_job(failing))
