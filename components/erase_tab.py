@@ -96,7 +96,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                 preserve_scale = gr.Slider(0, 5, value=CF["preserve_scale"], label="Preserve scale")
                 rece_rounds = gr.Slider(0, 3, value=0, step=1, label="RECE hardening rounds")
                 rece_lambda = gr.Number(value=CF["rece_lambda"], label="RECE λ (1e-3 styles/objects, 0.1 nudity)")
-                neighbours = gr.Slider(0, 16, value=0, step=1, label="RealEra neighbour samples per vector")
+                neighbours = gr.Slider(0, 16, value=0, step=1, label="RealEra neighbour samples per vector (experimental: undid the erasure on the toy model)")
             with gr.Accordion("Guard settings", open=False):
                 gr.Markdown(GUARD_NOTE)
                 threshold = gr.Slider(0.3, 1.5, value=GUARD["threshold"], label="Trigger threshold (× the concept word's own score)")
