@@ -62,6 +62,7 @@ from torch import nn
 from ..edits import Edit, edit_kind
 from ..errors import StudioError
 from ..generation import parse_seed
+from .text import encode
 
 METHODS = {
     "esd-x": "cross-attention (attn2 q, k, v, out)",
@@ -144,10 +145,7 @@ class LoraHooks:
 
 # -- sampling with the (frozen or adapted) model --------------------------------------------------
 def _encode(pipe, prompts: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0].to(pipe.unet.dtype)
+    return encode(pipe, prompts).to(pipe.unet.dtype)
 
 
 def _eps(unet, x, t, cond) -> torch.Tensor:
