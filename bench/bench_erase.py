@@ -102,19 +102,33 @@ def quality(manager, seeds: int) -> dict:
     out["striped: UCE"] = summary(erasure_report(manager, ["striped"], ["dotted", "outlined"], seeds=seeds))
     manager.undo()
     print("striped", json.dumps(out["striped: UCE"]), flush=True)
-    # stacked erasures: specificity on concepts never erased, after 1, 3 and 10 edits
+    out.update(stacked(manager, seeds))
+    return out
+
+
+def stacked(manager, seeds: int) -> dict:
+    """Specificity on concepts never erased after 1, 3 and 10 stacked erasures, each with the tab's
+    default preserve list (the other toy concepts of its kind not yet erased) and without one."""
+    from studio.toyworld.concepts import neighbours
     from studio.toyworld.evaluate import presence_rate
 
     order = ["red", "striped", "circle", "green", "dotted", "square", "yellow", "outlined", "triangle", "purple"]
     kept = {"blue": ["a blue star", "a blue square"], "orange": ["an orange circle", "an orange triangle"]}
-    curve = {0: sum(presence_rate(manager, p, c, seeds=seeds) for c, p in kept.items()) / len(kept)}
-    for i, concept in enumerate(order, 1):
-        manager.apply(erase_edit(concept, templates="toy"))
-        if i in (1, 3, 10):
-            curve[i] = sum(presence_rate(manager, p, c, seeds=seeds) for c, p in kept.items()) / len(kept)
-            print("stacked", i, curve[i], flush=True)
-    manager.reset()
-    out["stacked erasures: blue/orange presence"] = curve
+
+    def presence():
+        return sum(presence_rate(manager, p, c, seeds=seeds) for c, p in kept.items()) / len(kept)
+
+    out = {}
+    for mode in ("preserve list", "no preserve list"):
+        curve = {0: presence()}
+        for i, concept in enumerate(order, 1):
+            keep = [n for n in neighbours(concept) if n not in order[:i]] if mode == "preserve list" else []
+            manager.apply(erase_edit(concept, templates="toy", preserve=keep))
+            if i in (1, 3, 10):
+                curve[i] = presence()
+                print("stacked", mode, i, curve[i], flush=True)
+        manager.reset()
+        out[f"stacked erasures ({mode}): blue/orange presence"] = curve
     return out
 
 
@@ -124,6 +138,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quality", action="store_true", help="toy only: the oracle-measured bars (slow on CPU)")
     ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--stacked", action="store_true", help="toy only: just the stacked-erasure specificity curve")
     ap.add_argument("--out", default="bench/results/erase.json")
     args = ap.parse_args()
     if args.arch == "sd15":
@@ -140,7 +155,9 @@ def main() -> None:
     s = results["speed"]
     print(f"{results['model'][:33]:<34}{s['erase_s (studio, incl. undo)']:>13.3f}s{s['reference_uce_s']:>14.3f}s"
           f"{s['undo_ms']:>8.2f}ms{s['memory_first_mb']:>12.1f}→{s['memory_last_mb']:.1f} MB ({s['memory_kind']})")
-    if args.quality:
+    if args.stacked:
+        results["quality"] = stacked(manager, args.seeds)
+    elif args.quality:
         results["quality"] = quality(manager, args.seeds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,2 @@
+"""Customization: teach the model new concepts from a few images and compose several of them."""
+from . import concept  # noqa: F401  (registers the "learned_concept" edit kind)

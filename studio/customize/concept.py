@@ -1,0 +1,132 @@
+"""A learned concept as one edit: new token(s) in the vocabulary plus optional weight changes.
+
+The token is added the way diffusers' textual-inversion loader adds it (a multi-vector concept
+"<x>" becomes "<x>", "<x>_1", ... which the pipeline expands in prompts), but through the edit
+stack: a copy of the tokenizer and a grown copy of the input-embedding module are swapped in with
+`patch.set_attr`, so undo puts the original objects back and the model is bit-identical. Weight
+changes (Custom Diffusion's K/V, LoRA factors) are merged in at the edit's strength.
+
+Tensors of a "learned_concept" edit:
+- "embedding": [vectors, d] input embeddings of the token(s), fp32;
+- per changed weight `name`: "{name}.lora_A"/"{name}.lora_B" (LoRA factors; conv factors are 4-D)
+  or "{name}.delta" (a full change, as Custom Diffusion trains).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import torch
+from torch import nn
+
+from ..edits import Edit, edit_kind
+from ..errors import StudioError
+
+TOKEN_PATTERN = re.compile(r"^[^\s,]{1,40}$")
+MAX_VECTORS = 16
+
+
+def token_names(token: str, vectors: int) -> list[str]:
+    """The vocabulary entries of a concept, as diffusers' textual-inversion loader names them."""
+    return [token] + [f"{token}_{i}" for i in range(1, vectors)]
+
+
+def check_token(tokenizer, token) -> str:
+    """The token string, or a StudioError saying why it cannot name a new concept."""
+    token = str(token or "").strip()
+    if not token:
+        raise StudioError("the concept needs a token to call it by, e.g. <my-cat>")
+    if not TOKEN_PATTERN.match(token):
+        raise StudioError(f"token {token!r} must be one word of at most 40 characters, without spaces or commas")
+    if token in tokenizer.get_vocab() or token in getattr(tokenizer, "added_tokens_encoder", {}):
+        raise StudioError(f"{token!r} is already in the vocabulary: undo the concept that added it or pick a new "
+                          f"name such as <{token.strip('<>')}-1>")
+    if token.lower() + "</w>" in tokenizer.get_vocab():
+        raise StudioError(f"{token!r} is already a word the model knows; a new token must be new, e.g. "
+                          f"<{token.strip('<>')}>")
+    return token
+
+
+def input_embedding_owner(text_encoder) -> tuple[nn.Module, str]:
+    """(parent module, attribute) holding the text encoder's token embedding."""
+    emb = text_encoder.get_input_embeddings()
+    for name, module in text_encoder.named_modules():
+        for attr, child in module.named_children():
+            if child is emb:
+                return module, attr
+    raise StudioError("could not find the text encoder's token embedding")
+
+
+def install_tokens(pipe, token: str, vectors: torch.Tensor, patch) -> list[int]:
+    """Add `token` (and its extra vector names) with `vectors` as input embeddings; returns their ids."""
+    names = token_names(check_token(pipe.tokenizer, token), len(vectors))
+    tokenizer = copy.deepcopy(pipe.tokenizer)
+    tokenizer.add_tokens(names)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    old = pipe.text_encoder.get_input_embeddings()
+    if vectors.shape[-1] != old.embedding_dim:
+        raise StudioError(f"the concept's embedding has width {vectors.shape[-1]}, this text encoder's is "
+                          f"{old.embedding_dim}: it was learned on another model")
+    grown = nn.Embedding(len(tokenizer), old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        grown.weight[: old.num_embeddings] = old.weight
+        grown.weight[old.num_embeddings:] = old.weight.mean(0)  # ids between the old size and ours, if any
+        grown.weight[ids] = vectors.to(old.weight)
+    grown.requires_grad_(old.weight.requires_grad)
+    parent, attr = input_embedding_owner(pipe.text_encoder)
+    patch.set_attr(pipe, "tokenizer", tokenizer)
+    patch.set_attr(parent, attr, grown)
+    patch.set_attr(pipe.text_encoder.config, "vocab_size", len(tokenizer))
+    return ids
+
+
+def weight_delta(tensors: dict, name: str, shape) -> torch.Tensor | None:
+    """The fp32 change of weight `name` stored in `tensors` (LoRA product or full delta), or None."""
+    if f"{name}.delta" in tensors:
+        delta = tensors[f"{name}.delta"].float()
+    elif f"{name}.lora_A" in tensors:
+        a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
+        delta = b.flatten(1) @ a.flatten(1)
+    else:
+        return None
+    if delta.numel() != math.prod(shape):
+        raise StudioError(f"{name}: the concept's change has {delta.numel()} values, the weight {tuple(shape)} "
+                          "(it was learned on another architecture)")
+    return delta.reshape(shape)
+
+
+def check_strength(strength) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or abs(strength) > 10:
+        raise StudioError(f"concept strength must be a finite number from -10 to 10 (got {strength!r})")
+    return float(strength)
+
+
+def concept_label(params: dict) -> str:
+    label = f"learn {params['token']} ({params.get('method', '?')})"
+    s = params.get("strength", 1.0)
+    return label if s == 1.0 else f"{label} x{s:g}"
+
+
+def with_strength(edit: Edit, strength: float) -> Edit:
+    """The same concept with its weight changes at another strength (the token is unchanged)."""
+    if edit.kind != "learned_concept":
+        raise StudioError(f"{edit.title} is not a learned concept (kind {edit.kind!r})")
+    params = {**edit.params, "strength": check_strength(strength)}
+    return Edit(edit.kind, params, edit.tensors, label=concept_label(params))
+
+
+@edit_kind("learned_concept")
+def apply_learned_concept(pipe, params: dict, tensors: dict, patch) -> None:
+    strength = check_strength(params.get("strength", 1.0))
+    embedding = tensors.get("embedding")
+    if embedding is None or embedding.dim() != 2 or not 1 <= len(embedding) <= MAX_VECTORS:
+        raise StudioError("this concept has no valid 'embedding' tensor: it is damaged; train or import it again")
+    for name in params.get("modules", []):
+        w = patch.read(name)
+        delta = weight_delta(tensors, name, w.shape)
+        if delta is None:
+            raise StudioError(f"this concept lacks the change of {name}: it is damaged; train or import it again")
+        patch.write(name, w.float() + strength * delta.to(w.device))
+    install_tokens(pipe, params["token"], embedding, patch)
