@@ -7,7 +7,7 @@ import gradio as gr
 
 from studio.manager import PipelineManager
 
-from . import attention_tab, erase_tab, generate_tab, history_panel
+from . import attention_tab, customize_tab, erase_tab, generate_tab, history_panel
 
 CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "studio.css"
 MAX_UPLOAD = "200mb"
@@ -33,11 +33,13 @@ def build_app(manager: PipelineManager) -> gr.Blocks:
                         gen = generate_tab.build(manager)
                     with gr.Tab("Erase"):
                         erase = erase_tab.build(manager)
+                    with gr.Tab("Customize"):
+                        customize = customize_tab.build(manager)
                     with gr.Tab("Attention"):
                         attention_tab.build(manager)
             with gr.Column(scale=2, min_width=340, elem_classes="history"):
                 history = history_panel.build(manager, gen.settings)
-        for event in gen.edit_events + erase.edit_events:
+        for event in gen.edit_events + erase.edit_events + customize.edit_events:
             history.follow(event)
         demo.load(history.refresh, None, history.outputs)
     return demo

@@ -61,6 +61,9 @@ def build(manager: PipelineManager, settings: list) -> SimpleNamespace:
         undo_btn = gr.Button("↶ Undo", size="sm")
         redo_btn = gr.Button("↷ Redo", size="sm")
         reset_btn = gr.Button("Reset to original", size="sm", variant="stop")
+    with gr.Row():
+        toggle_index = gr.Number(label="Edit #", precision=0, value=1, minimum=1, scale=1)
+        toggle_btn = gr.Button("Switch on / off", size="sm", scale=2)
     with gr.Accordion("Save / load edits", open=False):
         save_btn = gr.Button("Save applied edits", size="sm")
         saved = gr.File(label="Edit file", interactive=False)
@@ -79,6 +82,8 @@ def build(manager: PipelineManager, settings: list) -> SimpleNamespace:
                (reset_btn, manager.reset, "reset"))
     for button, fn, name in actions:
         ns.follow(button.click(user_errors(fn), None, None, api_name=name, **GPU))
+    ns.follow(toggle_btn.click(user_errors(lambda i: manager.toggle(int(i)) and None), toggle_index, None,
+                               api_name="toggle", **GPU))
     save_btn.click(user_errors(lambda: save(manager)), None, saved, api_name="save_edits", **GPU)
     ns.follow(upload.upload(user_errors(lambda f: load(manager, f)), upload, None, api_name="load_edits", **GPU))
 

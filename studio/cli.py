@@ -5,6 +5,7 @@
     python -m studio scale --pattern 'attn2\\.to_v\\.weight' --factor 0.5 --save edits.safetensors
     python -m studio history FILE
     python -m studio erase red --preserve green,blue --templates toy --report --save erase.safetensors
+    python -m studio customize --toy-example heart --token "<heart>" --prompt "a red <heart>"
     python -m studio attention --prompt "a red circle and a blue square" --words circle,square --out DIR
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from .errors import StudioError
 from .generation import SAMPLERS, GenerationRequest
 
-SUBCOMMANDS = ("generate", "scale", "history", "attention", "erase")
+SUBCOMMANDS = ("generate", "scale", "history", "attention", "erase", "customize")
 
 
 def _model_args() -> argparse.ArgumentParser:
@@ -120,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             h = sub.add_parser("history", help="list the edits in an edit file")
             h.add_argument("file")
             from .attention import cli as attention_cli
+            from .customize import cli as customize_cli
             from .erase import cli as erase_cli
 
             plugins = {"attention": (attention_cli, "cross-attention maps: grid, raw maps, manifest"),
-                       "erase": (erase_cli, "erase concepts; report, save the edit, export a LoRA or the pipeline")}
+                       "erase": (erase_cli, "erase concepts; report, save the edit, export a LoRA or the pipeline"),
+                       "customize": (customize_cli, "teach a concept from images; try, save and export it")}
             for name, (module, help_text) in plugins.items():
                 module.add_arguments(sub.add_parser(name, parents=[_model_args()], help=help_text))
             args = p.parse_args(argv)

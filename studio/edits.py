@@ -133,6 +133,20 @@ class Patch:
         return sum(t.numel() * t.element_size() for d in (self.originals, self.results) for t in d.values())
 
 
+@edit_kind("off")
+def _switched_off(pipe, params, tensors, patch) -> None:
+    """An edit switched off in the history: it keeps its place and its data but changes nothing."""
+
+
+def toggled(edit: Edit) -> Edit:
+    """The edit switched off (kind "off", the original kept inside), or an "off" edit switched back on."""
+    if edit.kind == "off":
+        p = edit.params
+        return Edit(p["kind"], p["params"], edit.tensors, label=p.get("label", ""))
+    return Edit("off", {"kind": edit.kind, "params": edit.params, "label": edit.label}, edit.tensors,
+                label=f"(off) {edit.title}")
+
+
 _serials = itertools.count()
 
 
@@ -204,6 +218,27 @@ class EditStack:
             self.undo()
         while self.position < position:
             self.redo()
+
+    def replace(self, index: int, edit: Edit) -> Entry:
+        """Put `edit` in place of applied entry `index` (1-based) and re-apply the applied edits after it
+        on top; all or nothing (on failure the old entries are redone exactly). The redo tail is kept."""
+        if not 1 <= index <= self.position:
+            raise StudioError(f"edit #{index} is not applied (history has {self.position} applied)")
+        old_entries, old_position = list(self.entries), self.position
+        later = [e.edit for e in self.entries[index:self.position]]
+        self.goto(index - 1)
+        del self.entries[index - 1:]
+        try:
+            entry = self.apply(edit)
+            for e in later:
+                self.apply(e)
+        except BaseException:
+            self.goto(index - 1)
+            self.entries[:] = old_entries
+            self.goto(old_position)
+            raise
+        self.entries.extend(old_entries[old_position:])
+        return entry
 
     def rows(self) -> list[dict]:
         """The history as the UI and CLI show it."""

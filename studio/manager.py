@@ -20,7 +20,7 @@ import torch
 from . import layer_scale  # noqa: F401  (registers the "scale" edit kind)
 from .erase import closed_form, esd, guard  # noqa: F401  (register the erasure edit kinds)
 from .edit_files import load_edits, save_edits
-from .edits import Edit, EditStack, Entry, find_tensor
+from .edits import Edit, EditStack, Entry, find_tensor, toggled
 from .errors import JobStopped, StudioError
 from .fingerprint import fingerprint, tensor_digest
 from .generation import SAMPLERS, GenerationRequest
@@ -169,6 +169,18 @@ class PipelineManager:
     def apply(self, edit: Edit) -> Entry:
         with self.job():
             return self.stack.apply(edit)
+
+    def replace(self, index: int, edit: Edit) -> Entry:
+        """Swap history entry `index` (1-based, applied) for `edit`, re-applying the edits after it."""
+        with self.job():
+            return self.stack.replace(int(index), edit)
+
+    def toggle(self, index: int) -> Entry:
+        """Switch applied entry `index` off (it stays in the history, changing nothing) or back on."""
+        with self.lock:
+            if not 1 <= int(index) <= self.stack.position:
+                raise StudioError(f"edit #{index} is not applied: redo up to it first")
+            return self.replace(index, toggled(self.stack.entries[int(index) - 1].edit))
 
     def undo(self) -> Entry | None:
         with self.lock:

@@ -6,7 +6,9 @@ stack: a copy of the tokenizer and a grown copy of the input-embedding module ar
 `patch.set_attr`, so undo puts the original objects back and the model is bit-identical. Weight
 changes (Custom Diffusion's K/V, LoRA factors) are merged in at the edit's strength.
 
-Tensors of a "learned_concept" edit:
+Params: "token" (None for a weights-only concept such as an imported LoRA), "modules" (the changed
+weights' pipeline names), "strength", "base_model" (base_signature of the model it was learned on,
+optional), plus how it was made. Tensors:
 - "embedding": [vectors, d] input embeddings of the token(s), fp32;
 - per changed weight `name`: "{name}.lora_A"/"{name}.lora_B" (LoRA factors; conv factors are 4-D)
   or "{name}.delta" (a full change, as Custom Diffusion trains).
@@ -22,6 +24,7 @@ from torch import nn
 
 from ..edits import Edit, edit_kind
 from ..errors import StudioError
+from ..fingerprint import tensor_digest
 
 TOKEN_PATTERN = re.compile(r"^[^\s,]{1,40}$")
 MAX_VECTORS = 16
@@ -39,10 +42,11 @@ def check_token(tokenizer, token) -> str:
         raise StudioError("the concept needs a token to call it by, e.g. <my-cat>")
     if not TOKEN_PATTERN.match(token):
         raise StudioError(f"token {token!r} must be one word of at most 40 characters, without spaces or commas")
-    if token in tokenizer.get_vocab() or token in getattr(tokenizer, "added_tokens_encoder", {}):
-        raise StudioError(f"{token!r} is already in the vocabulary: undo the concept that added it or pick a new "
-                          f"name such as <{token.strip('<>')}-1>")
-    if token.lower() + "</w>" in tokenizer.get_vocab():
+    if token in getattr(tokenizer, "added_tokens_encoder", {}):
+        raise StudioError(f"{token!r} is already in the vocabulary (an applied concept added it): undo that concept "
+                          f"or pick a new name such as <{token.strip('<>')}-1>")
+    vocab = tokenizer.get_vocab()
+    if token.lower() in vocab or token.lower() + "</w>" in vocab:
         raise StudioError(f"{token!r} is already a word the model knows; a new token must be new, e.g. "
                           f"<{token.strip('<>')}>")
     return token
@@ -96,6 +100,19 @@ def weight_delta(tensors: dict, name: str, shape) -> torch.Tensor | None:
     return delta.reshape(shape)
 
 
+def base_signature(pipe) -> str:
+    """A short signature of the base model (its UNet's input convolution, which no edit touches): a
+    concept learned on one model is refused on another instead of silently producing noise."""
+    return tensor_digest(pipe.unet.conv_in.weight)[:16]
+
+
+def check_base(pipe, params: dict) -> None:
+    base = params.get("base_model")
+    if base and base != base_signature(pipe):
+        raise StudioError(f"{params.get('token') or 'this concept'} was learned on another model (signature {base}, "
+                          f"this one is {base_signature(pipe)}): load that model, or train the concept again here")
+
+
 def check_strength(strength) -> float:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
             or abs(strength) > 10:
@@ -104,7 +121,7 @@ def check_strength(strength) -> float:
 
 
 def concept_label(params: dict) -> str:
-    label = f"learn {params['token']} ({params.get('method', '?')})"
+    label = f"learn {params.get('token') or params.get('name', 'adapter')} ({params.get('method', '?')})"
     s = params.get("strength", 1.0)
     return label if s == 1.0 else f"{label} x{s:g}"
 
@@ -121,12 +138,15 @@ def with_strength(edit: Edit, strength: float) -> Edit:
 def apply_learned_concept(pipe, params: dict, tensors: dict, patch) -> None:
     strength = check_strength(params.get("strength", 1.0))
     embedding = tensors.get("embedding")
-    if embedding is None or embedding.dim() != 2 or not 1 <= len(embedding) <= MAX_VECTORS:
+    if params.get("token") is not None and (embedding is None or embedding.dim() != 2
+                                            or not 1 <= len(embedding) <= MAX_VECTORS):
         raise StudioError("this concept has no valid 'embedding' tensor: it is damaged; train or import it again")
+    check_base(pipe, params)
     for name in params.get("modules", []):
         w = patch.read(name)
         delta = weight_delta(tensors, name, w.shape)
         if delta is None:
             raise StudioError(f"this concept lacks the change of {name}: it is damaged; train or import it again")
         patch.write(name, w.float() + strength * delta.to(w.device))
-    install_tokens(pipe, params["token"], embedding, patch)
+    if params.get("token") is not None:
+        install_tokens(pipe, params["token"], embedding, patch)

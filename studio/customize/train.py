@@ -33,7 +33,7 @@ from torch import nn
 from ..edits import Edit, Patch
 from ..errors import StudioError
 from ..generation import GenerationRequest, parse_seed
-from .concept import MAX_VECTORS, check_token, concept_label, install_tokens
+from .concept import MAX_VECTORS, base_signature, check_token, concept_label, install_tokens
 from .images import TrainingImage
 
 METHODS = {"ti": "Textual Inversion", "custom_diffusion": "Custom Diffusion (token + K/V)", "lora": "LoRA (peft)"}
@@ -315,7 +315,7 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 done = step + 1
                 if progress:
                     progress(done, steps)
@@ -338,7 +338,7 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
 
     tail = losses[-max(1, len(losses) // 10):] or [float("nan")]
     modules = sorted({n.rsplit(".", 1)[0] for n in tensors if n != "embedding"})
-    params = {**settings, "strength": 1.0, "modules": modules, "train_seconds": round(seconds, 2),
+    params = {**settings, "strength": 1.0, "modules": modules, "base_model": base_signature(pipe), "train_seconds": round(seconds, 2),
               "final_loss": round(sum(tail) / len(tail), 5), "resumed_from": start_step}
     return Edit("learned_concept", params, tensors, label=concept_label(params))
 

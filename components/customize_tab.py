@@ -1,0 +1,218 @@
+"""Customize tab: teach a concept from a few images (with previews), then compose several in one image."""
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from studio.customize import library
+from studio.customize.images import load_images
+from studio.customize.train import DEFAULTS, LORA_TARGETS, METHODS, train_concept
+from studio.errors import StudioError
+from studio.manager import PipelineManager
+
+from .common import GPU, stream_job, user_errors
+
+METHOD_KEYS = {title: key for key, title in METHODS.items()}
+REGION_COLOURS = ("#e02020", "#2050e0", "#20a040")  # brush colour i paints region i
+REGION_NAMES = ("red", "blue", "green")
+
+
+def work_dir(token: str) -> Path:
+    """Where a concept's training state is saved (and resumed from)."""
+    return Path(tempfile.gettempdir()) / "concept-studio" / "train" / re.sub(r"[^A-Za-z0-9_-]+", "_", token)
+
+
+def train(manager: PipelineManager, files, token, class_word, method, steps, lr, token_lr, batch, rank, targets,
+          vectors, cross_init, semantic, prior, checkpointing, preview_every, preview_prompts, resume,
+          preview=None, progress=None) -> str:
+    pipe = manager.pipe
+    images, notes = load_images([getattr(f, "name", f) for f in files or []],
+                                pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    token = str(token or "").strip()
+    prompts = [p.strip() for p in (preview_prompts or "").splitlines() if p.strip()]
+    edit = train_concept(
+        manager, images, token, method=METHOD_KEYS.get(method, method), class_word=class_word,
+        steps=steps or None, lr=lr or None, token_lr=token_lr or None, batch=batch, rank=rank, lora_targets=targets,
+        vectors=vectors, cross_init=cross_init, semantic_weight=semantic, prior_weight=prior,
+        gradient_checkpointing=checkpointing, preview_every=preview_every,
+        preview_prompts=[p.replace("{}", token) for p in prompts] or None,
+        preview=(lambda step, shots: preview(shots)) if preview else None, progress=progress,
+        save_dir=work_dir(token), resume=bool(resume))
+    entry = manager.apply(edit)
+    p = edit.params
+    lines = [f"Learned **{token}** with {METHODS[p['method']]}: {p['steps']} steps in {p['train_seconds']:.0f} s, "
+             f"final loss {p['final_loss']:.4f}. It is edit #{manager.stack.position} in the History "
+             f"({len(entry.patch.originals)} weights changed); use it in prompts as `a {token}`."]
+    return "\n\n".join(lines + [f"Note: {n}" for n in notes])
+
+
+def concept_choices(manager: PipelineManager) -> list[tuple[str, int]]:
+    return [(c.title, c.index) for c in library.learned_concepts(manager)]
+
+
+def regions_from_drawing(drawing, words: list[str]) -> list[tuple[str, np.ndarray]]:
+    """(words, mask) per region painted in REGION_COLOURS on the canvas; regions without words or paint are skipped."""
+    layers = (drawing or {}).get("layers") or []
+    layer = next((np.asarray(x) for x in layers if x is not None and np.asarray(x).ndim == 3), None)
+    if layer is None:
+        layer = np.asarray((drawing or {}).get("composite")) if (drawing or {}).get("composite") is not None else None
+    if layer is None:
+        raise StudioError("draw the regions first: paint each concept's area in its colour")
+    if layer.shape[-1] == 4:
+        painted = layer[..., 3] > 0
+    else:
+        painted = np.abs(layer.astype(int) - 255).sum(-1) > 30
+    rgb = layer[..., :3].astype(int)
+    refs = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in REGION_COLOURS])
+    nearest = np.abs(rgb[..., None, :] - refs).sum(-1).argmin(-1)
+    out = []
+    for i, w in enumerate(words):
+        mask = painted & (nearest == i)
+        if w.strip() and mask.any():
+            out.append((w.strip(), mask))
+    if len(out) < 1:
+        raise StudioError("no region has both words and paint: type the words of each concept and paint its area")
+    return out
+
+
+def blank_canvas(size: int = 256) -> dict:
+    return {"background": np.full((size, size, 3), 255, np.uint8), "layers": [], "composite": None}
+
+
+def build(manager: PipelineManager) -> SimpleNamespace:
+    toy = manager.info.kind == "builtin-toy"
+    with gr.Row():
+        with gr.Column(scale=2):
+            gr.Markdown("#### 1 · Teach a concept")
+            files = gr.File(label="Images of the concept (3-10; a same-name .txt file is its caption, '{}' marks "
+                                  "the token)", file_count="multiple", file_types=["image", ".txt"])
+            if toy:
+                example = gr.Button("Use 8 toy-world hearts (a shape the model never saw)", size="sm")
+            with gr.Row():
+                token = gr.Textbox(label="Token", value="<heart>" if toy else "", placeholder="<my-cat>")
+                class_word = gr.Textbox(label="Class word (what it is)", value="" if toy else "",
+                                        placeholder="cat, dog, painting…")
+            method = gr.Radio(list(METHOD_KEYS), value=METHODS["lora"], label="Method")
+            with gr.Accordion("Training settings", open=False):
+                gr.Markdown("Blank learning rate and steps use the published defaults for this model size: " +
+                            "; ".join(f"{METHODS[k]}: lr {v['lr']:g}, {v['steps']} steps" for k, v in DEFAULTS.items()))
+                with gr.Row():
+                    steps = gr.Number(label="Steps (blank: default)", precision=0, value=None)
+                    lr = gr.Number(label="Learning rate (blank: default)", value=None)
+                    token_lr = gr.Number(label="Token learning rate (blank: default)", value=None)
+                with gr.Row():
+                    batch = gr.Slider(1, 16, value=4, step=1, label="Batch")
+                    rank = gr.Slider(1, 64, value=4, step=1, label="LoRA rank")
+                    vectors = gr.Slider(1, 8, value=1, step=1, label="Vectors per token")
+                targets = gr.Dropdown(list(LORA_TARGETS), value="attention", label="LoRA on")
+                cross_init = gr.Checkbox(value=True, label="Cross initialization (start from the class word's "
+                                                           "text-encoder output)")
+                semantic = gr.Slider(0, 1, value=0.0, step=0.01, label="Semantic preservation weight "
+                                                                         "(ClassDiffusion; needs a class word)")
+                prior = gr.Slider(0, 2, value=0.0, step=0.1, label="Prior preservation weight (class images)")
+                checkpointing = gr.Checkbox(value=False, label="Gradient checkpointing (less memory, slower)")
+                with gr.Row():
+                    preview_every = gr.Slider(10, 500, value=100, step=10, label="Preview every N steps")
+                    resume = gr.Checkbox(value=False, label="Resume this token's last saved state")
+                preview_prompts = gr.Textbox(label="Preview prompts ('{}' is the token), one per line",
+                                             value="a {}\na red {}" if toy else "a photo of {}", lines=2)
+            with gr.Row():
+                run = gr.Button("Train", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+            gr.Markdown("#### 2 · Adjust or compose learned concepts")
+            concepts = gr.Dropdown(choices=concept_choices(manager), multiselect=True, label="Learned concepts")
+            refresh = gr.Button("↻ Refresh list", size="sm")
+            with gr.Row():
+                strength = gr.Slider(-1, 2, value=1.0, step=0.05, label="Strength")
+                set_strength = gr.Button("Set strength", size="sm")
+            how = gr.Radio(["Closed-form merge (K/V)", "Weighted adapters (unfused)"],
+                           value="Closed-form merge (K/V)", label="Compose the selected concepts by")
+            weights = gr.Textbox(label="Adapter weights, comma-separated (default 1 each)", value="")
+            compose = gr.Button("Compose")
+            with gr.Accordion("Regions: each concept's words attend only inside its painted area", open=False):
+                region_words = [gr.Textbox(label=f"Words painted in {n}", value=v) for n, v in
+                                zip(REGION_NAMES, ("red circle", "blue square", "") if toy else ("", "", ""))]
+                canvas = gr.ImageEditor(value=blank_canvas(), type="numpy", image_mode="RGBA", canvas_size=(256, 256),
+                                        brush=gr.Brush(colors=list(REGION_COLOURS), color_mode="fixed",
+                                                       default_size=24), label="Paint regions (image frame)")
+                apply_regions = gr.Button("Apply regions")
+            with gr.Accordion("Multi-Concept T2I-Zero (training-free text-embedding correction)", open=False):
+                zero_words = gr.Textbox(label="Concept words in the prompt, comma-separated",
+                                        value="circle, square" if toy else "")
+                apply_zero = gr.Button("Switch on T2I-Zero correction")
+        with gr.Column(scale=3):
+            status = gr.Markdown()
+            previews = gr.Gallery(label="Previews during training", columns=4, height="auto", format="png")
+
+    settings = [files, token, class_word, method, steps, lr, token_lr, batch, rank, targets, vectors, cross_init,
+                semantic, prior, checkpointing, preview_every, preview_prompts, resume]
+
+    @user_errors
+    def on_train(*values, progress=gr.Progress()):
+        job = lambda preview, tick: train(manager, *values, preview=preview, progress=tick)  # noqa: E731
+        for shots, result in stream_job(job, progress, "training"):
+            yield (result if result is not None else "Training… (previews on the right)"), shots
+
+    def listed():
+        return gr.update(choices=concept_choices(manager))
+
+    @user_errors
+    def on_strength(selected, s):
+        if len(selected or []) != 1:
+            raise StudioError("select exactly one learned concept to change its strength")
+        library.set_strength(manager, selected[0], float(s))
+        return f"Strength of #{selected[0]} set to {float(s):g} (edits after it were re-applied)."
+
+    @user_errors
+    def on_compose(selected, how_, weights_):
+        from studio.customize import compose as methods  # noqa: F401 (registers the composition kinds)
+
+        w = [float(x) for x in weights_.split(",") if x.strip()] or None
+        entry = library.compose(manager, selected or [], "merge" if how_.startswith("Closed") else "adapters", w)
+        return f"Composed: **{entry.edit.title}** (the concepts' own entries are switched off, not deleted)."
+
+    @user_errors
+    def on_regions(drawing, *words):
+        from studio.customize.compose import region_edit
+
+        entry = manager.apply(region_edit(regions_from_drawing(drawing, list(words))))
+        return f"Applied: **{entry.edit.title}**. Undo it from the History to sample without regions."
+
+    @user_errors
+    def on_zero(words_):
+        from studio.customize.compose import t2i_zero_edit
+
+        entry = manager.apply(t2i_zero_edit([w.strip() for w in words_.split(",") if w.strip()]))
+        return f"Applied: **{entry.edit.title}**."
+
+    train_event = run.click(on_train, settings, [status, previews], api_name="customize_train", **GPU)
+    stop.click(manager.request_stop, None, None, queue=False)
+    refresh.click(listed, None, concepts, queue=False)
+    events = [train_event,
+              set_strength.click(on_strength, [concepts, strength], status, api_name="concept_strength", **GPU),
+              compose.click(on_compose, [concepts, how, weights], status, api_name="compose", **GPU),
+              apply_regions.click(on_regions, [canvas, *region_words], status, api_name="regions", **GPU),
+              apply_zero.click(on_zero, zero_words, status, api_name="t2i_zero", **GPU)]
+    for event in events:
+        event.success(listed, None, concepts, show_progress="hidden")
+    if toy:
+        example.click(lambda: toy_example_files(), None, files, queue=False)
+    return SimpleNamespace(edit_events=events)
+
+
+def toy_example_files() -> list[str]:
+    """The toy world's held-out hearts written as images with caption files, for the file box."""
+    folder = Path(tempfile.mkdtemp(prefix="toy-hearts-"))
+    paths = []
+    for i, (image, caption) in enumerate(library.toy_examples("heart")):
+        path = folder / f"heart-{i}.png"
+        Image.fromarray(image).save(path)
+        path.with_suffix(".txt").write_text(caption)
+        paths += [str(path), str(path.with_suffix(".txt"))]
+    return paths

@@ -1,0 +1,79 @@
+"""`python -m studio customize`: teach a concept from images headless, try it, save or export it.
+
+    python -m studio customize photos/*.png --token "<my-cat>" --class-word cat --method lora \\
+        --steps 500 --prompt "a photo of <my-cat> on a beach" --save cat.safetensors --export exported/
+    python -m studio customize --toy-example heart --token "<heart>" --prompt "a red <heart>"   # toy model
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..generation import GenerationRequest
+from .images import load_images
+from .train import LORA_TARGETS, METHODS, train_concept
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="*", help="3-10 images of the concept (same-name .txt files are captions)")
+    p.add_argument("--toy-example", choices=["heart", "cross"], help="toy model: 8 generator images of a held-out shape")
+    p.add_argument("--token", required=True, help="the new token, e.g. <my-cat>")
+    p.add_argument("--class-word", default="", help="what the concept is (cross-init, preservation losses)")
+    p.add_argument("--method", choices=list(METHODS), default="lora")
+    p.add_argument("--steps", type=int, default=None, help="default: the method's default for this model size")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--token-lr", type=float, default=None)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lora-targets", choices=list(LORA_TARGETS), default="attention")
+    p.add_argument("--vectors", type=int, default=1)
+    p.add_argument("--no-cross-init", action="store_true")
+    p.add_argument("--semantic-weight", type=float, default=0.0, help="ClassDiffusion semantic preservation")
+    p.add_argument("--prior-weight", type=float, default=0.0, help="prior preservation on class images")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-dir", help="save the training state here every --save-every steps (for --resume)")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from the state in --save-dir")
+    p.add_argument("--prompt", action="append", default=[], help="generate this prompt afterwards (repeatable)")
+    p.add_argument("--out", default="outputs", help="folder for the generated PNGs")
+    p.add_argument("--save", help="write the concept as an edit file (.safetensors)")
+    p.add_argument("--export", help="folder: embedding (A1111/ComfyUI), kohya LoRA, Custom Diffusion deltas")
+
+
+def command(args, manager) -> list[str]:
+    pipe = manager.pipe
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    sources, captions = list(args.images), None
+    if args.toy_example:
+        from PIL import Image
+
+        from .library import toy_examples
+
+        examples = toy_examples(args.toy_example)
+        sources, captions = [Image.fromarray(im) for im, _ in examples], [c for _, c in examples]
+    images, notes = load_images(sources, resolution, captions)
+    edit = train_concept(manager, images, args.token, method=args.method, class_word=args.class_word,
+                         steps=args.steps, lr=args.lr, token_lr=args.token_lr, batch=args.batch, rank=args.rank,
+                         lora_targets=args.lora_targets, vectors=args.vectors, cross_init=not args.no_cross_init,
+                         semantic_weight=args.semantic_weight, prior_weight=args.prior_weight,
+                         gradient_checkpointing=args.gradient_checkpointing, save_dir=args.save_dir,
+                         save_every=args.save_every, resume=args.resume,
+                         progress=lambda i, n: print(f"\rstep {i}/{n}", end="", flush=True))
+    print()
+    manager.apply(edit)
+    p = edit.params
+    lines = notes + [f"{edit.title}: {p['steps']} steps, {p['train_seconds']:.1f} s, final loss {p['final_loss']:.4f}"]
+    out = Path(args.out)
+    for i, prompt in enumerate(args.prompt):
+        out.mkdir(parents=True, exist_ok=True)
+        for j, image in enumerate(manager.generate(GenerationRequest(prompt, seed=0, batch=4)).images):
+            path = out / f"concept-{i}-{j}.png"
+            image.save(path)
+        lines.append(f"{prompt!r}: 4 images in {out}")
+    if args.save:
+        lines.append(f"edit file: {manager.save_edits(args.save)}")
+    if args.export:
+        from .formats import export_concept
+
+        lines.append(f"exported: {export_concept(edit, args.export)}")
+    return lines

@@ -1,0 +1,109 @@
+"""The learned concepts in the history, and the operations the Customize tab offers on them.
+
+A concept is an ordinary history entry (kind "learned_concept"); switching it off keeps it as an
+"off" entry. Composing by merge or by weighted adapters builds one edit from several concepts, so
+the concepts' own entries are switched off first (their tokens would otherwise exist twice) and
+switched back on if the composition fails.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..edits import Edit
+from ..errors import StudioError
+from ..toyworld.scenes import COLOURS, SceneObject, render
+from .concept import with_strength
+
+COMPOSITIONS = ("merge", "adapters")
+
+
+@dataclass
+class LearnedConcept:
+    index: int  # 1-based history position
+    token: str
+    method: str
+    strength: float
+    on: bool
+
+    @property
+    def title(self) -> str:
+        return f"#{self.index} {self.token} ({self.method}{'' if self.on else ', off'})"
+
+
+def concept_of(edit: Edit) -> Edit | None:
+    """The learned_concept inside an entry's edit (also when it is switched off)."""
+    if edit.kind == "learned_concept":
+        return edit
+    if edit.kind == "off" and edit.params.get("kind") == "learned_concept":
+        return Edit("learned_concept", edit.params["params"], edit.tensors, edit.params.get("label", ""))
+    return None
+
+
+def learned_concepts(manager) -> list[LearnedConcept]:
+    out = []
+    for i, entry in enumerate(manager.stack.applied, 1):
+        c = concept_of(entry.edit)
+        if c is not None:
+            p = c.params
+            out.append(LearnedConcept(i, p.get("token") or p.get("name", "adapter"), p.get("method", "?"),
+                                      p.get("strength", 1.0), entry.edit.kind == "learned_concept"))
+    return out
+
+
+def _entry(manager, index: int) -> Edit:
+    index = int(index)
+    if not 1 <= index <= manager.stack.position:
+        raise StudioError(f"edit #{index} is not applied")
+    concept = concept_of(manager.stack.entries[index - 1].edit)
+    if concept is None:
+        raise StudioError(f"edit #{index} is not a learned concept")
+    return concept
+
+
+def set_strength(manager, index: int, strength: float):
+    """Re-apply concept `index` with its weight changes at `strength` (later edits are re-applied)."""
+    with manager.lock:
+        return manager.replace(index, with_strength(_entry(manager, index), strength))
+
+
+def compose(manager, indices: list[int], how: str, weights: list[float] | None = None):
+    """Replace concepts `indices` by one composition edit ("merge": closed-form K/V merge;
+    "adapters": weighted unfused peft adapters). Their entries are switched off, not deleted."""
+    from . import compose as methods
+
+    if how not in COMPOSITIONS:
+        raise StudioError(f"unknown composition {how!r}: choose one of {', '.join(COMPOSITIONS)}")
+    indices = sorted({int(i) for i in indices})
+    if len(indices) < 2:
+        raise StudioError("pick at least two learned concepts to compose")
+    with manager.job():
+        concepts = [_entry(manager, i) for i in indices]
+        switched = []
+        try:
+            for i in indices:
+                if manager.stack.entries[i - 1].edit.kind == "learned_concept":
+                    manager.toggle(i)
+                    switched.append(i)
+            if how == "merge":
+                edit = methods.merge_edit(manager.pipe, concepts)
+            else:
+                edit = methods.adapters_edit(concepts, weights or [1.0] * len(concepts))
+            return manager.apply(edit)
+        except BaseException:
+            for i in switched:
+                manager.toggle(i)
+            raise
+
+
+def toy_examples(shape: str = "heart", count: int = 8, seed: int = 0) -> list[tuple[np.ndarray, str]]:
+    """`count` generator images of a toy shape in varied colours and places, with captions ('a red {}')."""
+    rng = np.random.default_rng(seed)
+    colours = list(COLOURS)
+    out = []
+    for i in range(count):
+        obj = SceneObject(shape, colours[i % len(colours)], "solid",
+                          str(rng.choice(["centre", "left", "right", "top", "bottom"])), float(rng.uniform(0.2, 0.3)))
+        out.append((render([obj], rng), f"a {obj.colour} {{}}"))
+    return out
