@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from studio.customize import library
+from studio.customize.formats import export_concept, import_concept
 from studio.customize.images import load_images
 from studio.customize.train import DEFAULTS, LORA_TARGETS, METHODS, train_concept
 from studio.errors import StudioError
@@ -110,7 +111,8 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                     batch = gr.Slider(1, 16, value=4, step=1, label="Batch")
                     rank = gr.Slider(1, 64, value=4, step=1, label="LoRA rank")
                     vectors = gr.Slider(1, 8, value=1, step=1, label="Vectors per token")
-                targets = gr.Dropdown(list(LORA_TARGETS), value="attention", label="LoRA on")
+                targets = gr.Dropdown(list(LORA_TARGETS), value="attention+ff" if toy else "attention",
+                                      label="LoRA on")
                 cross_init = gr.Checkbox(value=True, label="Cross initialization (start from the class word's "
                                                            "text-encoder output)")
                 semantic = gr.Slider(0, 1, value=0.0, step=0.01, label="Semantic preservation weight "
@@ -135,6 +137,17 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                            value="Closed-form merge (K/V)", label="Compose the selected concepts by")
             weights = gr.Textbox(label="Adapter weights, comma-separated (default 1 each)", value="")
             compose = gr.Button("Compose")
+            with gr.Accordion("Export / import concepts", open=False):
+                formats = gr.CheckboxGroup(["embedding", "lora", "custom_diffusion"], value=["embedding", "lora"],
+                                           label="Export the selected concept as (A1111/ComfyUI embedding, kohya "
+                                                 "LoRA, diffusers Custom Diffusion)")
+                export_rank = gr.Slider(1, 128, value=16, step=1, label="LoRA rank for full changes")
+                export_btn = gr.Button("Export", size="sm")
+                exported = gr.File(label="Exported files", file_count="multiple", interactive=False)
+                imports = gr.File(label="Import: embedding / kohya LoRA / Custom Diffusion files (.safetensors)",
+                                  file_count="multiple", file_types=[".safetensors", ".pt", ".bin"])
+                import_token = gr.Textbox(label="Token for an imported embedding (blank: from the file)")
+                import_btn = gr.Button("Import and apply", size="sm")
             with gr.Accordion("Regions: each concept's words attend only inside its painted area", open=False):
                 region_words = [gr.Textbox(label=f"Words painted in {n}", value=v) for n, v in
                                 zip(REGION_NAMES, ("red circle", "blue square", "") if toy else ("", "", ""))]
@@ -191,6 +204,24 @@ def build(manager: PipelineManager) -> SimpleNamespace:
         entry = manager.apply(t2i_zero_edit([w.strip() for w in words_.split(",") if w.strip()]))
         return f"Applied: **{entry.edit.title}**."
 
+    @user_errors
+    def on_export(selected, formats_, rank_):
+        if len(selected or []) != 1:
+            raise StudioError("select exactly one learned concept to export")
+        result = export_concept(library.concept_edit(manager, selected[0]),
+                                Path(tempfile.mkdtemp(prefix="studio-concept-")), formats_, int(rank_), model=manager)
+        files = [f for paths in result["written"].values() for f in paths]
+        problems = [f"{k}: {v}" for k, v in result["errors"].items()]
+        return files, "\n\n".join([f"Exported {', '.join(result['written']) or 'nothing'}."] + result["notes"] +
+                                   [f"Not exported: {p}" for p in problems])
+
+    @user_errors
+    def on_import(files_, token_):
+        edit = import_concept([getattr(f, "name", f) for f in files_ or []], token=token_.strip() or None,
+                              pipe=manager)
+        entry = manager.apply(edit)
+        return f"Imported and applied **{entry.edit.title}** (edit #{manager.stack.position})."
+
     train_event = run.click(on_train, settings, [status, previews], api_name="customize_train", **GPU)
     stop.click(manager.request_stop, None, None, queue=False)
     refresh.click(listed, None, concepts, queue=False)
@@ -198,7 +229,9 @@ def build(manager: PipelineManager) -> SimpleNamespace:
               set_strength.click(on_strength, [concepts, strength], status, api_name="concept_strength", **GPU),
               compose.click(on_compose, [concepts, how, weights], status, api_name="compose", **GPU),
               apply_regions.click(on_regions, [canvas, *region_words], status, api_name="regions", **GPU),
-              apply_zero.click(on_zero, zero_words, status, api_name="t2i_zero", **GPU)]
+              apply_zero.click(on_zero, zero_words, status, api_name="t2i_zero", **GPU),
+              import_btn.click(on_import, [imports, import_token], status, api_name="concept_import", **GPU)]
+    export_btn.click(on_export, [concepts, formats, export_rank], [exported, status], api_name="concept_export", **GPU)
     for event in events:
         event.success(listed, None, concepts, show_progress="hidden")
     if toy:

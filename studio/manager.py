@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from . import layer_scale  # noqa: F401  (registers the "scale" edit kind)
+from . import customize  # noqa: F401  (registers the learned-concept and composition edit kinds)
 from .erase import closed_form, esd, guard  # noqa: F401  (register the erasure edit kinds)
 from .edit_files import load_edits, save_edits
 from .edits import Edit, EditStack, Entry, find_tensor, toggled

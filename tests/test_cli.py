@@ -36,7 +36,24 @@ def test_cli_erase_saves_an_edit_that_reapplies_and_exports_a_lora(tmp_path, cap
     assert "re-applied exactly" in capsys.readouterr().err
 
 
+def test_cli_customize_trains_saves_exports_and_imports_exactly(tmp_path, capsys):
+    out, edits, exported = tmp_path / "imgs", tmp_path / "heart.safetensors", tmp_path / "exported"
+    assert main(["customize", "--toy-example", "heart", "--token", "<heart>", "--steps", "3", "--batch", "2",
+                 "--device", "cpu", "--prompt", "a red <heart>", "--out", str(out / "trained"), "--save", str(edits),
+                 "--export", str(exported)]) == 0
+    text = capsys.readouterr().out
+    assert "learn <heart> (lora)" in text and "exported embedding" in text and "exported lora" in text
+    assert main(["history", str(edits)]) == 0 and "kind=learned_concept" in capsys.readouterr().out
+    assert main(["customize", "--import", str(exported / "heart.safetensors"), str(exported / "heart-lora.safetensors"),
+                 "--device", "cpu", "--prompt", "a red <heart>", "--out", str(out / "imported")]) == 0
+    for j in range(4):
+        assert np.array_equal(np.asarray(Image.open(out / "trained" / f"concept-0-{j}.png")),
+                              np.asarray(Image.open(out / "imported" / f"concept-0-{j}.png")))
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["customize", "--toy-example", "heart"], "--token is required"),
+    (["customize", "--token", "red", "--toy-example", "heart"], "already a word"),
     (["erase", "red", "--guide", "red"], "toward itself"),
     (["--model", "model.ckpt"], "allow-pickle"),
     (["generate", "--prompt", "x", "--width", "63", "--out", "unused"], "multiple of 8"),

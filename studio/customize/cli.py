@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import StudioError
 from ..generation import GenerationRequest
 from .images import load_images
 from .train import LORA_TARGETS, METHODS, train_concept
@@ -17,7 +18,9 @@ from .train import LORA_TARGETS, METHODS, train_concept
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="*", help="3-10 images of the concept (same-name .txt files are captions)")
     p.add_argument("--toy-example", choices=["heart", "cross"], help="toy model: 8 generator images of a held-out shape")
-    p.add_argument("--token", required=True, help="the new token, e.g. <my-cat>")
+    p.add_argument("--token", default=None, help="the new token, e.g. <my-cat> (for --import: rename the embedding)")
+    p.add_argument("--import", dest="import_files", nargs="+", metavar="FILE",
+                   help="instead of training: apply an embedding / kohya LoRA / Custom Diffusion export")
     p.add_argument("--class-word", default="", help="what the concept is (cross-init, preservation losses)")
     p.add_argument("--method", choices=list(METHODS), default="lora")
     p.add_argument("--steps", type=int, default=None, help="default: the method's default for this model size")
@@ -42,6 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def command(args, manager) -> list[str]:
     pipe = manager.pipe
+    if args.import_files:
+        from .formats import import_concept
+
+        edit = import_concept(args.import_files, token=args.token, pipe=manager)
+        manager.apply(edit)
+        return [f"{edit.title}: applied"] + _after(args, manager, edit)
+    if not args.token:
+        raise StudioError("--token is required to train a concept (e.g. --token '<my-cat>')")
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     sources, captions = list(args.images), None
     if args.toy_example:
@@ -63,7 +74,12 @@ def command(args, manager) -> list[str]:
     manager.apply(edit)
     p = edit.params
     lines = notes + [f"{edit.title}: {p['steps']} steps, {p['train_seconds']:.1f} s, final loss {p['final_loss']:.4f}"]
-    out = Path(args.out)
+    return lines + _after(args, manager, edit)
+
+
+def _after(args, manager, edit) -> list[str]:
+    """Generate the --prompt images, save the edit file, export."""
+    lines, out = [], Path(args.out)
     for i, prompt in enumerate(args.prompt):
         out.mkdir(parents=True, exist_ok=True)
         for j, image in enumerate(manager.generate(GenerationRequest(prompt, seed=0, batch=4)).images):
@@ -75,5 +91,7 @@ def command(args, manager) -> list[str]:
     if args.export:
         from .formats import export_concept
 
-        lines.append(f"exported: {export_concept(edit, args.export)}")
+        result = export_concept(edit, args.export, model=manager)
+        lines += [f"exported {fmt}: {', '.join(paths)}" for fmt, paths in result["written"].items()]
+        lines += result["notes"] + [f"not exported ({fmt}): {why}" for fmt, why in result["errors"].items()]
     return lines

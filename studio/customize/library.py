@@ -52,7 +52,8 @@ def learned_concepts(manager) -> list[LearnedConcept]:
     return out
 
 
-def _entry(manager, index: int) -> Edit:
+def concept_edit(manager, index: int) -> Edit:
+    """The learned concept of applied history entry `index` (on or off)."""
     index = int(index)
     if not 1 <= index <= manager.stack.position:
         raise StudioError(f"edit #{index} is not applied")
@@ -65,7 +66,7 @@ def _entry(manager, index: int) -> Edit:
 def set_strength(manager, index: int, strength: float):
     """Re-apply concept `index` with its weight changes at `strength` (later edits are re-applied)."""
     with manager.lock:
-        return manager.replace(index, with_strength(_entry(manager, index), strength))
+        return manager.replace(index, with_strength(concept_edit(manager, index), strength))
 
 
 def compose(manager, indices: list[int], how: str, weights: list[float] | None = None):
@@ -79,7 +80,7 @@ def compose(manager, indices: list[int], how: str, weights: list[float] | None =
     if len(indices) < 2:
         raise StudioError("pick at least two learned concepts to compose")
     with manager.job():
-        concepts = [_entry(manager, i) for i in indices]
+        concepts = [concept_edit(manager, i) for i in indices]
         switched = []
         try:
             for i in indices:

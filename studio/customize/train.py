@@ -134,8 +134,10 @@ def add_lora(unet, rank: int, targets: str):
     """A peft LoRA adapter on `targets` (B = 0, so it starts as the identity); returns its layers by name."""
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if getattr(unet, "_hf_peft_config_loaded", False) and unet.peft_config:
+    if (getattr(unet, "_hf_peft_config_loaded", False) and unet.peft_config) or any(
+            isinstance(m, BaseTunerLayer) for m in unet.modules()):
         raise StudioError("the UNet already carries peft adapters (a weighted-adapter composition?): undo it "
                           "before training a LoRA")
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
