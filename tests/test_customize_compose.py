@@ -62,11 +62,11 @@ def assert_undone(toy, base, prompt=PROMPT):
     assert np.array_equal(image(toy, prompt), base_image(toy, base, prompt))
 
 
-def concept(pipe, token, seed, kv="delta", outside=False, ti_only=False, scale=0.1) -> Edit:
+def concept(pipe, token, seed, kv="delta", outside=False, ti_only=False, scale=0.1, vectors=1) -> Edit:
     """A hand-made learned concept: a token and random K/V changes (full deltas or rank-2 LoRA factors)."""
     g = torch.Generator().manual_seed(seed)
     emb = pipe.text_encoder.get_input_embeddings().weight
-    tensors = {"embedding": emb.mean(0, keepdim=True) + emb.std() * torch.randn(1, emb.shape[1], generator=g)}
+    tensors = {"embedding": emb.mean(0) + emb.std() * torch.randn(vectors, emb.shape[1], generator=g)}
     modules = []
     for name, layer in ([] if ti_only else sorted(kv_modules(pipe.unet).items())):
         w = layer.weight
@@ -325,10 +325,13 @@ def test_t2i_zero_refuses_bad_settings(words, options, message):
 
 def test_compositions_survive_an_edit_file(toy, base, tmp_path):
     pipe = toy.pipe
-    toy.apply(merge_edit(pipe, [concept(pipe, "<aa>", 1), concept(pipe, "<bb>", 2, kv="lora")]))
+    toy.apply(merge_edit(pipe, [concept(pipe, "<aa>", 1), concept(pipe, "<bb>", 2, kv="lora", vectors=2)]))
     toy.apply(region_edit([("<aa>", np.eye(8)), ("<bb>", (0.5, 0, 1, 1))]))
     toy.apply(t2i_zero_edit(["<aa>", "<bb>"]))
     state = toy.fingerprint()
+    pipe.encode_prompt("a <aa> and a <bb>", "cpu", 1, True)  # learned tokens are found, "<bb>" as its 2 vectors
+    steerings = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn2.processor.steerings
+    assert [s.positions for s in steerings] == [[[[2], [5, 6]]]] * 2
     path = toy.save_edits(tmp_path / "compose.safetensors")
     toy.reset()
     assert toy.fingerprint() == base["fingerprint"]

@@ -459,9 +459,11 @@ def install_processors(pipe, steering: Steering, patch) -> None:
 
 
 # -- (c) region-aware sampling ----------------------------------------------------------------------
-def region_edit(regions: list[tuple[str, object]], *, until: float = 1.0) -> Edit:
+def region_edit(regions: list[tuple[str, object]], *, until: float = 0.5) -> Edit:
     """Each (words, region): the words' tokens are attended only inside the region, a box (x0, y0, x1, y1)
-    in fractions of the image or a 2-D mask of any size; `until`: the fraction of steps to steer."""
+    in fractions of the image or a 2-D mask of any size; `until`: the fraction of steps to steer (the
+    layout is fixed early; on the toy model steering half the steps kept both objects more often than
+    steering all of them: 7/8 vs 6/8 images)."""
     if isinstance(regions, (str, bytes)) or not isinstance(regions, (list, tuple)):
         raise StudioError("regions are a list of (words, box or mask) pairs")
     specs, tensors = [], {}

@@ -6,7 +6,9 @@ stack: a copy of the tokenizer and a grown copy of the input-embedding module ar
 `patch.set_attr`, so undo puts the original objects back and the model is bit-identical. Weight
 changes (Custom Diffusion's K/V, LoRA factors) are merged in at the edit's strength.
 
-Params: "token" (None for a weights-only concept such as an imported LoRA), "modules" (the changed
+Params: "token" (None for a weights-only concept such as an imported LoRA), "more_tokens" (further
+tokens learned together, e.g. extracted from one image; their vectors are "embedding.1", ...),
+"modules" (the changed
 weights' pipeline names), "strength", "base_model" (base_signature of the model it was learned on,
 optional), plus how it was made. Tensors:
 - "embedding": [vectors, d] input embeddings of the token(s), fp32;
@@ -121,7 +123,8 @@ def check_strength(strength) -> float:
 
 
 def concept_label(params: dict) -> str:
-    label = f"learn {params.get('token') or params.get('name', 'adapter')} ({params.get('method', '?')})"
+    tokens = ", ".join([params.get("token") or params.get("name", "adapter"), *params.get("more_tokens", [])])
+    label = f"learn {tokens} ({params.get('method', '?')})"
     s = params.get("strength", 1.0)
     return label if s == 1.0 else f"{label} x{s:g}"
 
@@ -150,3 +153,8 @@ def apply_learned_concept(pipe, params: dict, tensors: dict, patch) -> None:
         patch.write(name, w.float() + strength * delta.to(w.device))
     if params.get("token") is not None:
         install_tokens(pipe, params["token"], embedding, patch)
+    for i, token in enumerate(params.get("more_tokens", [])):  # concepts extracted together share one edit
+        vectors = tensors.get(f"embedding.{i + 1}")
+        if vectors is None or vectors.dim() != 2:
+            raise StudioError(f"this concept lacks the embedding of {token}: it is damaged; extract it again")
+        install_tokens(pipe, token, vectors, patch)

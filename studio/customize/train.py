@@ -130,16 +130,22 @@ def kv_modules(unet) -> dict[str, nn.Linear]:
             if isinstance(m, nn.Linear) and n.split(".")[-2:-1] == ["attn2"] and n.endswith(("to_k", "to_v"))}
 
 
-def add_lora(unet, rank: int, targets: str):
-    """A peft LoRA adapter on `targets` (B = 0, so it starts as the identity); returns its layers by name."""
-    from peft import LoraConfig
-    from peft.tuners.lora import LoraLayer
+def check_no_adapters(unet) -> None:
+    """Training needs the plain layers: refuse while unfused peft adapters (a composition) are installed."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if (getattr(unet, "_hf_peft_config_loaded", False) and unet.peft_config) or any(
             isinstance(m, BaseTunerLayer) for m in unet.modules()):
-        raise StudioError("the UNet already carries peft adapters (a weighted-adapter composition?): undo it "
-                          "before training a LoRA")
+        raise StudioError("the UNet carries unfused adapters (a weighted-adapter composition): switch it off or "
+                          "undo it before training")
+
+
+def add_lora(unet, rank: int, targets: str):
+    """A peft LoRA adapter on `targets` (B = 0, so it starts as the identity); returns its layers by name."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    check_no_adapters(unet)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=LORA_TARGETS[targets]), adapter_name=ADAPTER)
     layers = {f"unet.{n.removesuffix('.base_layer')}.weight": m for n, m in unet.named_modules()
@@ -209,6 +215,7 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
         raise StudioError("no training images: add 3-10 images of the concept")
     pipe = manager.pipe
     token = check_token(pipe.tokenizer, token)
+    check_no_adapters(pipe.unet)
     class_word = str(class_word or "").strip()
     steps = _whole("training steps", default(pipe, method, "steps") if steps in (None, "") else steps, 1, MAX_STEPS)
     lr = _number("learning rate", default(pipe, method, "lr") if lr in (None, "") else lr, 1e-8, 1.0)
