@@ -7,7 +7,7 @@ import gradio as gr
 
 from studio.manager import PipelineManager
 
-from . import attention_tab, customize_tab, erase_tab, generate_tab, history_panel
+from . import attention_tab, customize_tab, erase_tab, extract_tab, generate_tab, history_panel
 
 CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "studio.css"
 MAX_UPLOAD = "200mb"
@@ -17,7 +17,8 @@ TOY_NOTE = ("> **Toy-world model** (64×64, trained here from scratch). It knows
             "or *a red circle and a yellow square*. It has never seen a heart or a cross.")
 
 
-def build_app(manager: PipelineManager) -> gr.Blocks:
+def build_app(manager: PipelineManager, sam=None) -> gr.Blocks:
+    """The whole UI; `sam` (studio.extract.sam.SamMasks) lets the Extract tab turn clicks into masks."""
     manager.pipe  # load before the first request, so the page shows the model at once
     with gr.Blocks(title="Concept Studio") as demo:
         gr.Markdown("# Concept Studio\nEdit what a text-to-image model knows. Every edit can be undone exactly.")
@@ -35,20 +36,22 @@ def build_app(manager: PipelineManager) -> gr.Blocks:
                         erase = erase_tab.build(manager)
                     with gr.Tab("Customize"):
                         customize = customize_tab.build(manager)
+                    with gr.Tab("Extract"):
+                        extract = extract_tab.build(manager, sam)
                     with gr.Tab("Attention"):
                         attention_tab.build(manager)
             with gr.Column(scale=2, min_width=340, elem_classes="history"):
                 history = history_panel.build(manager, gen.settings)
-        for event in gen.edit_events + erase.edit_events + customize.edit_events:
+        for event in gen.edit_events + erase.edit_events + customize.edit_events + extract.edit_events:
             history.follow(event)
         demo.load(history.refresh, None, history.outputs)
     return demo
 
 
 def launch(manager: PipelineManager, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           auth: tuple[str, str] | None = None, block: bool = True) -> gr.Blocks:
+           auth: tuple[str, str] | None = None, block: bool = True, sam=None) -> gr.Blocks:
     """Serve the app; loopback only unless a host or a share link is asked for."""
-    demo = build_app(manager)
+    demo = build_app(manager, sam)
     demo.queue(default_concurrency_limit=1)
     demo.launch(
         server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_UPLOAD,

@@ -7,6 +7,7 @@ import queue
 import threading
 
 import gradio as gr
+import numpy as np
 
 from studio.errors import JobStopped, StudioError
 
@@ -76,3 +77,26 @@ def stream_job(job, progress: gr.Progress | None = None, desc: str = "working"):
     if "error" in outcome:
         raise outcome["error"]
     yield previews, outcome["result"]
+
+
+# Painting masks on a canvas: brush colour i paints mask i (regions, extraction masks).
+PAINT_COLOURS = ("#e02020", "#2050e0", "#20a040")
+PAINT_NAMES = ("red", "blue", "green")
+
+
+def blank_canvas(size: int = 256, background=None) -> dict:
+    bg = np.full((size, size, 3), 255, np.uint8) if background is None else background
+    return {"background": bg, "layers": [], "composite": None}
+
+
+def painted_masks(drawing, count: int) -> list[np.ndarray]:
+    """One boolean mask per brush colour (the first `count` of PAINT_COLOURS) from an ImageEditor value."""
+    drawing = drawing or {}
+    layer = next((np.asarray(x) for x in drawing.get("layers") or [] if x is not None and np.asarray(x).ndim == 3),
+                 None)
+    if layer is None or layer.shape[-1] != 4 or not layer[..., 3].any():
+        raise StudioError("draw the masks first: paint each concept's area in its colour")
+    rgb = layer[..., :3].astype(int)
+    refs = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in PAINT_COLOURS])
+    nearest = np.abs(rgb[..., None, :] - refs).sum(-1).argmin(-1)
+    return [(layer[..., 3] > 0) & (nearest == i) for i in range(count)]

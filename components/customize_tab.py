@@ -17,11 +17,9 @@ from studio.customize.train import DEFAULTS, LORA_TARGETS, METHODS, train_concep
 from studio.errors import StudioError
 from studio.manager import PipelineManager
 
-from .common import GPU, stream_job, user_errors
+from .common import GPU, PAINT_COLOURS, PAINT_NAMES, blank_canvas, painted_masks, stream_job, user_errors
 
 METHOD_KEYS = {title: key for key, title in METHODS.items()}
-REGION_COLOURS = ("#e02020", "#2050e0", "#20a040")  # brush colour i paints region i
-REGION_NAMES = ("red", "blue", "green")
 
 
 def work_dir(token: str) -> Path:
@@ -58,32 +56,12 @@ def concept_choices(manager: PipelineManager) -> list[tuple[str, int]]:
 
 
 def regions_from_drawing(drawing, words: list[str]) -> list[tuple[str, np.ndarray]]:
-    """(words, mask) per region painted in REGION_COLOURS on the canvas; regions without words or paint are skipped."""
-    layers = (drawing or {}).get("layers") or []
-    layer = next((np.asarray(x) for x in layers if x is not None and np.asarray(x).ndim == 3), None)
-    if layer is None:
-        layer = np.asarray((drawing or {}).get("composite")) if (drawing or {}).get("composite") is not None else None
-    if layer is None:
-        raise StudioError("draw the regions first: paint each concept's area in its colour")
-    if layer.shape[-1] == 4:
-        painted = layer[..., 3] > 0
-    else:
-        painted = np.abs(layer.astype(int) - 255).sum(-1) > 30
-    rgb = layer[..., :3].astype(int)
-    refs = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in REGION_COLOURS])
-    nearest = np.abs(rgb[..., None, :] - refs).sum(-1).argmin(-1)
-    out = []
-    for i, w in enumerate(words):
-        mask = painted & (nearest == i)
-        if w.strip() and mask.any():
-            out.append((w.strip(), mask))
-    if len(out) < 1:
+    """(words, mask) per region painted in PAINT_COLOURS; regions without words or paint are skipped."""
+    masks = painted_masks(drawing, len(words))
+    out = [(w.strip(), m) for w, m in zip(words, masks) if w.strip() and m.any()]
+    if not out:
         raise StudioError("no region has both words and paint: type the words of each concept and paint its area")
     return out
-
-
-def blank_canvas(size: int = 256) -> dict:
-    return {"background": np.full((size, size, 3), 255, np.uint8), "layers": [], "composite": None}
 
 
 def build(manager: PipelineManager) -> SimpleNamespace:
@@ -150,9 +128,9 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                 import_btn = gr.Button("Import and apply", size="sm")
             with gr.Accordion("Regions: each concept's words attend only inside its painted area", open=False):
                 region_words = [gr.Textbox(label=f"Words painted in {n}", value=v) for n, v in
-                                zip(REGION_NAMES, ("red circle", "blue square", "") if toy else ("", "", ""))]
+                                zip(PAINT_NAMES, ("red circle", "blue square", "") if toy else ("", "", ""))]
                 canvas = gr.ImageEditor(value=blank_canvas(), type="numpy", image_mode="RGBA", canvas_size=(256, 256),
-                                        brush=gr.Brush(colors=list(REGION_COLOURS), color_mode="fixed",
+                                        brush=gr.Brush(colors=list(PAINT_COLOURS), color_mode="fixed",
                                                        default_size=24), label="Paint regions (image frame)")
                 apply_regions = gr.Button("Apply regions")
             with gr.Accordion("Multi-Concept T2I-Zero (training-free text-embedding correction)", open=False):

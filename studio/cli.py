@@ -6,6 +6,7 @@
     python -m studio history FILE
     python -m studio erase red --preserve green,blue --templates toy --report --save erase.safetensors
     python -m studio customize --toy-example heart --token "<heart>" --prompt "a red <heart>"
+    python -m studio extract --toy-scene 11 --find --tokens "<a>,<b>" --report
     python -m studio attention --prompt "a red circle and a blue square" --words circle,square --out DIR
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from .errors import StudioError
 from .generation import SAMPLERS, GenerationRequest
 
-SUBCOMMANDS = ("generate", "scale", "history", "attention", "erase", "customize")
+SUBCOMMANDS = ("generate", "scale", "history", "attention", "erase", "customize", "extract")
 
 
 def _model_args() -> argparse.ArgumentParser:
@@ -42,6 +43,8 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free)")
     p.add_argument("--share", action="store_true", help="create a public gradio share link (off by default)")
     p.add_argument("--auth", default=None, help="require a login, as user:password")
+    p.add_argument("--sam-checkpoint", default=None, help="Segment Anything checkpoint: click objects in the "
+                                                          "Extract tab (without it: found or painted masks)")
     return p
 
 
@@ -123,10 +126,12 @@ def main(argv: list[str] | None = None) -> int:
             from .attention import cli as attention_cli
             from .customize import cli as customize_cli
             from .erase import cli as erase_cli
+            from .extract import cli as extract_cli
 
             plugins = {"attention": (attention_cli, "cross-attention maps: grid, raw maps, manifest"),
                        "erase": (erase_cli, "erase concepts; report, save the edit, export a LoRA or the pipeline"),
-                       "customize": (customize_cli, "teach a concept from images; try, save and export it")}
+                       "customize": (customize_cli, "teach a concept from images; try, save and export it"),
+                       "extract": (extract_cli, "one token per object of one image (masks found, clicked or given)")}
             for name, (module, help_text) in plugins.items():
                 module.add_arguments(sub.add_parser(name, parents=[_model_args()], help=help_text))
             args = p.parse_args(argv)
@@ -142,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             if not sep or not user or not password:
                 raise StudioError("--auth takes user:password")
             auth = (user, password)
+        sam = None
+        if args.sam_checkpoint:
+            from .extract.sam import SamMasks
+
+            sam = SamMasks.load(args.sam_checkpoint)
         manager = _manager(args)
-        importlib.import_module("components.app").launch(manager, args.host, args.port, args.share, auth)
+        importlib.import_module("components.app").launch(manager, args.host, args.port, args.share, auth, sam=sam)
         return 0
     except StudioError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -241,7 +241,7 @@ def test_adapters_at_weight_zero_are_the_base_model_and_at_one_the_fused_concept
         layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k
         assert isinstance(layer, BaseTunerLayer) and layer.base_layer is to_k
         assert sorted(layer.active_adapters) == ["concept_0", "concept_1"]
-        with pytest.raises(StudioError, match="peft adapters"):
+        with pytest.raises(StudioError, match="unfused adapters"):
             add_lora(pipe.unet, 4, "attention")  # training is refused while adapters ride on the UNet
         assert np.array_equal(image(toy), base_image(toy, base))
         tokens_only = image(toy, both)

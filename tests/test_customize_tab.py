@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from components.customize_tab import REGION_COLOURS, regions_from_drawing, toy_example_files, train
+from components.common import PAINT_COLOURS
+from components.customize_tab import regions_from_drawing, toy_example_files, train
 from studio.customize.library import learned_concepts
 from studio.errors import StudioError
 
@@ -26,12 +27,12 @@ def test_train_handler_streams_previews_and_lands_one_entry(manager):
 def test_regions_from_painted_canvas():
     layer = np.zeros((64, 64, 4), np.uint8)
     for i, (x0, x1) in enumerate([(0, 32), (32, 64)]):
-        rgb = [int(REGION_COLOURS[i][j:j + 2], 16) for j in (1, 3, 5)]
+        rgb = [int(PAINT_COLOURS[i][j:j + 2], 16) for j in (1, 3, 5)]
         layer[8:56, x0:x1] = rgb + [255]
     regions = regions_from_drawing({"background": None, "layers": [layer], "composite": None},
                                    ["<heart>", "<cross>", ""])
     assert [w for w, _ in regions] == ["<heart>", "<cross>"]
     left, right = (m for _, m in regions)
     assert left[:, :32].sum() == 48 * 32 and left[:, 32:].sum() == 0 and right[:, 32:].sum() == 48 * 32
-    with pytest.raises(StudioError, match="draw the regions"):
+    with pytest.raises(StudioError, match="draw the masks"):
         regions_from_drawing(None, ["a"])

@@ -3,9 +3,13 @@
 Phase 1 trains only the tokens (high learning rate), phase 2 the tokens and a LoRA on the UNet
 (the published method tunes the whole UNet; a LoRA fits small GPUs). Every step samples a random
 subset of the concepts ("union sampling"), captions it "a <a> and a <b>", and uses
-- the diffusion loss only inside the union of the sampled concepts' masks, and
-- a cross-attention loss pulling each sampled token's attention map (mean over heads, at the
-  highest cross-attention resolution) toward its mask (weight 1e-2).
+- the diffusion loss only inside the union of the sampled concepts' masks (by default also over the
+  pixels no mask claims, so that "a <a>" alone learns an empty background instead of leaving it to
+  the prior, which on the toy model added stray objects), and
+- optionally ("isolate", our addition for single-image overfitting) each subset is shown its own
+  picture, the other objects painted over with the background, and the loss covers all of it;
+- a cross-attention loss pulling each sampled token's attention map (mean over heads and layers at
+  16x16, or the finest resolution below that, divided by its peak) toward its mask (weight 1e-2).
 The result is one "learned_concept" edit holding every token (params "token" + "more_tokens").
 Training leaves the model untouched; stop or error leaves model and history as they were.
 """
@@ -61,6 +65,19 @@ class CrossAttentionMaps:
             h.remove()
 
 
+def attention_loss(probs: torch.Tensor, positions: list[list[torch.Tensor]], masks: list[torch.Tensor]):
+    """Break-A-Scene's cross-attention loss: per image b and sampled concept j, the MSE between the
+    concept's token map (probs[b, :, its positions], averaged, divided by its peak) and its mask.
+    probs: (B, h*w, tokens); positions[b][j]: token positions; masks[b][j]: (h, w)."""
+    total = probs.new_zeros(())
+    side = int(round(probs.shape[1] ** 0.5))
+    for b, (pos_b, masks_b) in enumerate(zip(positions, masks)):
+        for pos, mask in zip(pos_b, masks_b):
+            m = probs[b, :, pos].mean(-1).reshape(side, side)
+            total = total + F.mse_loss(m / m.max().clamp_min(1e-8), mask)
+    return total / len(positions)
+
+
 def mask_tensor(mask, size: int) -> torch.Tensor:
     """A (size, size) float mask in [0, 1] from any 2-D boolean/float array (area-averaged)."""
     m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
@@ -69,10 +86,26 @@ def mask_tensor(mask, size: int) -> torch.Tensor:
     return F.interpolate(m[None, None], size=(size, size), mode="area")[0, 0]
 
 
+def isolated(image: TrainingImage, masks: list, keep: tuple[int, ...]) -> TrainingImage:
+    """The image with every object not in `keep` painted over by the background's median colour (right
+    for plain backgrounds; on photos a rough cut-out)."""
+    size = image.tensor.shape[-1]
+    full = torch.stack([mask_tensor(m, size) > 0.5 for m in masks])
+    claimed = full.any(0)
+    pixels = image.tensor[:, ~claimed] if (~claimed).any() else image.tensor.reshape(3, -1)
+    out = image.tensor.clone()
+    drop = full[[j for j in range(len(masks)) if j not in keep]].any(0) if len(keep) < len(masks) else None
+    if drop is not None:
+        out[:, drop] = pixels.median(dim=1).values[:, None]
+    return TrainingImage(out, image.caption, image.name)
+
+
 def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[str], *,
                      steps_tokens: int | None = None, steps_joint: int | None = None, lr_tokens: float | None = None,
                      lr_joint: float | None = None, rank: int = 4, lora_targets: str = "attention+ff",
-                     attention_weight: float | None = None, batch: int = 2, seed=0, progress=None, preview=None,
+                     attention_weight: float | None = None, background: bool = True, isolate: bool = True,
+                     batch: int = 2, seed=0,
+                     progress=None, preview=None,
                      preview_every: int = 100) -> Edit:
     """Learn `tokens[i]` for the object under `masks[i]` of `image`; returns the edit (not applied).
 
@@ -124,7 +157,12 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
         unet.train()
         cleanup.callback(unet.eval)
 
-        x0 = encode_images(pipe, [image], flip=False).to(device)
+        subsets_all = [tuple(j for j in range(len(tokens)) if k >> j & 1) for k in range(1, 2 ** len(tokens))]
+        if isolate:  # each subset's own picture: the other objects painted over with the background
+            pictures = [isolated(image, masks, keep) for keep in subsets_all]
+        else:
+            pictures = [image] * len(subsets_all)
+        x0_all = encode_images(pipe, pictures, flip=False).to(device)
         latent_masks = torch.stack([mask_tensor(m, latent) for m in masks]).to(device)
         attn_masks = torch.stack([mask_tensor(m, attn_res) for m in masks]).to(device)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -142,25 +180,25 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
                                                                                       generator=gen))].tolist()
                        for _ in range(batch)]
             prompts = [caption([tokens[i] for i in s]) for s in subsets]
+            x0 = x0_all[[subsets_all.index(tuple(sorted(s))) for s in subsets]]
             union = torch.stack([latent_masks[s].amax(0) for s in subsets])[:, None]
-            noise = torch.randn((batch, *x0.shape[1:]), generator=gen).to(device)
+            if isolate:  # the isolated pictures are right everywhere
+                union = torch.ones_like(union)
+            elif background:  # also the pixels no concept claims: "a <a>" then learns a plain background
+                union = torch.maximum(union, 1 - latent_masks.amax(0))
+            noise = torch.randn(x0.shape, generator=gen).to(device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
             maps.maps.clear()
             ids_batch = _ids(pipe, prompts)
             cond = text_encoder(ids_batch)[0]
-            pred = unet(scheduler.add_noise(x0.expand(batch, -1, -1, -1), noise, t).to(unet.dtype), t,
+            pred = unet(scheduler.add_noise(x0, noise, t).to(unet.dtype), t,
                         encoder_hidden_states=cond).sample.float()
-            err = (pred - _target(scheduler, x0.expand(batch, -1, -1, -1), noise, t)) ** 2
+            err = (pred - _target(scheduler, x0, noise, t)) ** 2
             loss = (err * union).sum() / (union.sum() * err.shape[1]).clamp_min(1)
             if attention_weight and maps.maps:
-                probs = torch.stack(maps.maps).mean(0)  # (B, N, 77)
-                attn_loss = 0.0
-                for b, s in enumerate(subsets):
-                    for i in s:
-                        pos = (ids_batch[b] == ids[i]).nonzero()[:, 0]
-                        m = probs[b, :, pos].mean(-1).reshape(attn_res, attn_res)
-                        attn_loss = attn_loss + F.mse_loss(m, attn_masks[i])
-                loss = loss + attention_weight * attn_loss / batch
+                positions = [[(ids_batch[b] == ids[i]).nonzero()[:, 0] for i in s] for b, s in enumerate(subsets)]
+                loss = loss + attention_weight * attention_loss(torch.stack(maps.maps).mean(0), positions,
+                                                                [attn_masks[s] for s in subsets])
             if not torch.isfinite(loss):
                 raise StudioError(f"training diverged at step {step + 1}: lower the learning rates")
             opt.zero_grad(set_to_none=True)
@@ -188,5 +226,5 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
                   modules=sorted(n for n in lora), base_model=base_signature(pipe), steps=total,
                   steps_tokens=steps_tokens, steps_joint=steps_joint, lr_tokens=lr_tokens, lr_joint=lr_joint, rank=rank,
                   lora_targets=lora_targets, attention_weight=attention_weight, batch=batch, seed=seed,
-                  train_seconds=round(seconds, 2), final_loss=round(sum(tail) / len(tail), 5))
+                  background=background, isolate=isolate, train_seconds=round(seconds, 2), final_loss=round(sum(tail) / len(tail), 5))
     return Edit("learned_concept", params, tensors, label=concept_label(params))

@@ -1,0 +1,109 @@
+"""`python -m studio extract`: pull several concepts out of one image headless, one token per mask.
+
+    python -m studio extract --toy-scene 11 --find --tokens "<a>,<b>" --report      # toy model
+    python -m studio extract photo.png --mask cat.png --mask dog.png --tokens "<cat>,<dog>" --save pets.safetensors
+    python -m studio extract photo.png --sam-checkpoint sam_vit_b_01ec64.pth --click 120,200 --click 400,210:2 \\
+        --tokens "<cat>,<dog>"
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..customize.images import TrainingImage, to_tensor
+from ..errors import StudioError
+from ..generation import GenerationRequest
+from .break_a_scene import extract_concepts
+from .localize import check_masks, find_concepts, prepare_image
+
+
+def _click(text: str) -> tuple[int, float, float]:
+    """'x,y' (mask 1) or 'x,y:k' (mask k), in image pixels."""
+    point, _, k = text.partition(":")
+    try:
+        x, y = (float(v) for v in point.split(","))
+        return int(k or 1) - 1, x, y
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a click is x,y or x,y:mask (got {text!r})") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", nargs="?", help="the image with several things in it")
+    p.add_argument("--toy-scene", type=int, help="toy model: the generator's two-object scene with this seed")
+    p.add_argument("--tokens", required=True, help="one token per mask, comma-separated, e.g. '<a>,<b>'")
+    p.add_argument("--mask", action="append", default=[], help="a mask image (white = object), once per concept")
+    p.add_argument("--find", action="store_true", help="find the masks from the model's self-attention")
+    p.add_argument("--count", type=int, default=None, help="with --find: how many concepts (default: automatic)")
+    p.add_argument("--sam-checkpoint", help="Segment Anything checkpoint for --click")
+    p.add_argument("--click", type=_click, action="append", default=[], help="x,y[:mask] in image pixels (SAM)")
+    p.add_argument("--steps-tokens", type=int, default=None)
+    p.add_argument("--steps-joint", type=int, default=None)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--report", action="store_true", help="toy model: oracle-measured identity and ACC@1")
+    p.add_argument("--prompt", action="append", default=[], help="generate this prompt afterwards (repeatable)")
+    p.add_argument("--out", default="outputs")
+    p.add_argument("--save", help="write the extracted concepts as an edit file (.safetensors)")
+    p.add_argument("--save-masks", help="folder to write the masks used (PNG)")
+
+
+def command(args, manager) -> list[str]:
+    pipe = manager.pipe
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if args.toy_scene is not None:
+        from ..toyworld.scenes import make_scene
+
+        source = make_scene(args.toy_scene, n_objects=2, held_out=True).image
+    elif args.image:
+        source = args.image
+    else:
+        raise StudioError("give an image (or --toy-scene N on the toy model)")
+    picture, lines = prepare_image(source, size)
+    if args.find:
+        masks = find_concepts(manager, picture, count=args.count)
+    elif args.click:
+        from .sam import SamMasks
+
+        sam = SamMasks.load(args.sam_checkpoint)
+        masks = []
+        for k in sorted({c[0] for c in args.click}):
+            pts = [(x, y) for j, x, y in args.click if j == k]
+            masks.append(sam.masks_from_clicks(picture, pts, [1] * len(pts)))
+    else:
+        masks = [np.asarray(Image.open(m).convert("L").resize((size, size), Image.NEAREST)) > 127 for m in args.mask]
+    check_masks(masks, picture.shape[:2])
+    if args.save_masks:
+        Path(args.save_masks).mkdir(parents=True, exist_ok=True)
+        for i, m in enumerate(masks):
+            Image.fromarray(m.astype(np.uint8) * 255).save(Path(args.save_masks) / f"mask-{i + 1}.png")
+    tokens = [t.strip() for t in args.tokens.split(",") if t.strip()]
+    edit = extract_concepts(manager, TrainingImage(to_tensor(Image.fromarray(picture))), masks, tokens,
+                            steps_tokens=args.steps_tokens, steps_joint=args.steps_joint, rank=args.rank,
+                            progress=lambda i, n: print(f"\rstep {i}/{n}", end="", flush=True))
+    print()
+    manager.apply(edit)
+    lines.append(f"{edit.title}: {edit.params['steps']} steps, {edit.params['train_seconds']:.1f} s")
+    if args.report:
+        from .evaluate import evaluate_extraction, table
+
+        from ..toyworld.evaluate import bundled_oracle
+
+        readings = bundled_oracle().read(picture)
+        concepts = [(r.shape, r.colour) for r in
+                    (max(readings, key=lambda r: (r.mask & m).sum()) for m in masks)] if readings else []
+        if len(concepts) == len(tokens):
+            rows = table(evaluate_extraction(manager, tokens, concepts))
+            lines += ["token | object | shape | colour | ACC@1"] + [" | ".join(map(str, r)) for r in rows]
+        else:
+            lines.append("report: the oracle could not read the objects under the masks")
+    out = Path(args.out)
+    for i, prompt in enumerate(args.prompt):
+        out.mkdir(parents=True, exist_ok=True)
+        for j, image in enumerate(manager.generate(GenerationRequest(prompt, seed=0, batch=4)).images):
+            image.save(out / f"extract-{i}-{j}.png")
+        lines.append(f"{prompt!r}: 4 images in {out}")
+    if args.save:
+        lines.append(f"edit file: {manager.save_edits(args.save)}")
+    return lines
