@@ -152,10 +152,10 @@ def quality(manager, seeds: int, steps: int, method: str, targets: str) -> dict:
 
     kw = dict(method=method, steps=steps, lora_targets=targets)
     out = {"settings": kw}
-    before = score(manager, single_prompts(), seeds=max(1, seeds // 2))["single"].rates
+    before = score(manager, single_prompts(), seeds=max(1, seeds // 2))["single"].rates()
     heart, out["heart"] = teach(manager, "heart", "<heart>", seeds, **kw)
     cross, out["cross"] = teach(manager, "cross", "<cross>", seeds, **kw)
-    during = score(manager, single_prompts(), seeds=max(1, seeds // 2))["single"].rates
+    during = score(manager, single_prompts(), seeds=max(1, seeds // 2))["single"].rates()
     out["unrelated prompts (single objects)"] = {"before": before, "with both concepts": during}
     print("unrelated", json.dumps(out["unrelated prompts (single objects)"]), flush=True)
 
@@ -185,14 +185,15 @@ def quality(manager, seeds: int, steps: int, method: str, targets: str) -> dict:
     from studio.customize.formats import export_concept, import_concept
 
     edit = manager.stack.entries[idx[0] - 1].edit
-    a = np.asarray(manager.generate(GenerationRequest("a red <heart>", seed=3)).images[0])
     manager.reset()
+    manager.apply(edit)
+    a = np.asarray(manager.generate(GenerationRequest("a red <heart>", seed=3)).images[0])
+    manager.undo()
     folder = Path(tempfile.mkdtemp())
-    export_concept(edit, folder)
+    written = export_concept(edit, folder, model=manager)["written"]
     round_trip = {}
-    for fmt, files in {"embedding + kohya LoRA": ["<heart>.safetensors", "<heart>-lora.safetensors"]}.items():
-        paths = [folder / f for f in files if (folder / f).exists()] or sorted(folder.iterdir())
-        manager.apply(import_concept([str(p) for p in paths], token="<heart>", pipe=manager.pipe))
+    for fmt, files in {"A1111 embedding + kohya LoRA": written["embedding"] + written["lora"]}.items():
+        manager.apply(import_concept(files, token="<heart>", pipe=manager))
         b = np.asarray(manager.generate(GenerationRequest("a red <heart>", seed=3)).images[0])
         round_trip[fmt] = bool(np.array_equal(a, b))
         manager.undo()

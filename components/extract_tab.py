@@ -11,7 +11,7 @@ from studio.customize.images import TrainingImage, to_tensor
 from studio.errors import StudioError
 from studio.extract.break_a_scene import DEFAULTS, extract_concepts
 from studio.extract.evaluate import evaluate_extraction, table
-from studio.extract.localize import check_masks, find_concepts, prepare_image
+from studio.extract.localize import check_masks, find_concepts, fit_mask, prepare_image
 from studio.manager import PipelineManager
 
 from .common import GPU, PAINT_COLOURS, PAINT_NAMES, blank_canvas, painted_masks, stream_job, user_errors
@@ -32,15 +32,11 @@ def annotated(image: np.ndarray, masks: list[np.ndarray]):
                    for i, m in enumerate(masks)]
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
-
-
 def extract(manager: PipelineManager, image, masks, tokens, steps_tokens, steps_joint, lr_tokens, lr_joint, rank,
             attention_weight, background, preview_every, preview=None, progress=None):
     picture, notes = model_image(manager, image)
-    masks = [resize_mask(m, picture.shape[0]) for m in masks or []]
-    check_masks(masks, picture.shape[:2])
+    masks = [fit_mask(m, picture.shape[0]) for m in masks or []]
+    notes += check_masks(masks, picture.shape[:2])
     names = [t.strip() for t in (tokens or "").split(",") if t.strip()]
     edit = extract_concepts(manager, TrainingImage(to_tensor(Image.fromarray(picture))), masks, names,
                             steps_tokens=steps_tokens, steps_joint=steps_joint, lr_tokens=lr_tokens or None,
@@ -154,7 +150,7 @@ def build(manager: PipelineManager, sam=None) -> SimpleNamespace:
     def on_paint(drawing, image_):
         found = [m for m in painted_masks(drawing, len(PAINT_COLOURS)) if m.any()]
         picture = model_image(manager, image_)[0] if image_ is not None else np.full((256, 256, 3), 255, np.uint8)
-        found = [resize_mask(m, picture.shape[0]) for m in found]
+        found = [fit_mask(m, picture.shape[0]) for m in found]
         return found, annotated(picture, found), f"Using {len(found)} painted masks."
 
     @user_errors

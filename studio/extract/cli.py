@@ -17,7 +17,7 @@ from ..customize.images import TrainingImage, to_tensor
 from ..errors import StudioError
 from ..generation import GenerationRequest
 from .break_a_scene import extract_concepts
-from .localize import check_masks, find_concepts, prepare_image
+from .localize import check_masks, find_concepts, fit_mask, prepare_image
 
 
 def _click(text: str) -> tuple[int, float, float]:
@@ -64,16 +64,17 @@ def command(args, manager) -> list[str]:
     if args.find:
         masks = find_concepts(manager, picture, count=args.count)
     elif args.click:
-        from .sam import SamMasks
+        from .sam import SamMasks, load_rgb
 
         sam = SamMasks.load(args.sam_checkpoint)
+        original = load_rgb(source)  # clicks are in the original image's pixels
         masks = []
         for k in sorted({c[0] for c in args.click}):
             pts = [(x, y) for j, x, y in args.click if j == k]
-            masks.append(sam.masks_from_clicks(picture, pts, [1] * len(pts)))
+            masks.append(fit_mask(sam.masks_from_clicks(original, pts, [1] * len(pts)), size))
     else:
-        masks = [np.asarray(Image.open(m).convert("L").resize((size, size), Image.NEAREST)) > 127 for m in args.mask]
-    check_masks(masks, picture.shape[:2])
+        masks = [fit_mask(np.asarray(Image.open(m).convert("L")), size) for m in args.mask]
+    lines += check_masks(masks, picture.shape[:2])
     if args.save_masks:
         Path(args.save_masks).mkdir(parents=True, exist_ok=True)
         for i, m in enumerate(masks):

@@ -12,12 +12,16 @@ ConceptExpress-style, in five small steps, all but the first pure functions:
    that attention stays inside the cluster (an object attends to itself; the background attends to
    the objects), how much of the image border it holds, and how much the end-of-text token's
    cross-attention covers it (ConceptExpress' saliency).
-4. `select_concepts`: background clusters (holding the border, or the largest) and clusters that
-   do not attend to themselves are dropped; clusters whose key maps cover the same object merge;
-   with `count` the most salient `count` are kept.
-5. `concept_masks`: a concept's mask is its key map (sharper than the cluster itself, whose edge
-   pixels attend to the object too) above a share of its peak, upsampled to the image, and, with
-   `refine`, snapped to the image's colour edges by a joint bilateral filter; holes are filled.
+4. `select_concepts`: background clusters (holding the border) are dropped, the others are cut into
+   connected parts, parts that do not attend to themselves are dropped, parts seeing the same
+   object (core and rim) merge; with `count` the most salient `count` are kept.
+5. `concept_masks`: a concept's mask is its key map near the cluster (sharper than the cluster
+   itself, whose rim pixels attend to the object too) above `share` of the cluster's mean,
+   upsampled and, with `refine`, snapped to the image's colour edges by a joint bilateral filter.
+
+Measured on the bundled toy model (bench/bench_extract_localize.py): the end-of-text map of an
+empty prompt does not single out the objects there (its mean over objects is ~0.9 of its image
+mean), so ranking defaults to self-attention kept inside a cluster; "eot" is an option.
 
 `prepare_image` turns any upload (path, PIL, array; alpha; any size) into the model's square RGB
 input, `fit_mask` applies the same crop and resize to a mask, `check_masks` refuses mask sets that
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from ..attention.tokens import sequence_length
 from ..errors import StudioError
@@ -47,7 +51,8 @@ MAX_CONCEPTS = 8
 
 
 # -- the image ---------------------------------------------------------------------------------------
-def _open(image) -> Image.Image:
+def open_image(image) -> Image.Image:
+    """A PIL image (any mode, alpha kept) from a path, a PIL image or an array; StudioError otherwise."""
     if image is None or (isinstance(image, str) and not image.strip()):
         raise StudioError("no image: upload one first")
     if isinstance(image, (str, Path)):
@@ -81,6 +86,20 @@ def _open(image) -> Image.Image:
     raise StudioError(f"expected an image (a file path, a PIL image or an array), got {type(image).__name__}")
 
 
+def flatten_alpha(im: Image.Image) -> tuple[Image.Image, str | None]:
+    """RGB, with transparent pixels composited on white; a note if any pixel was (partly) transparent."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        alpha = np.asarray(rgba)[..., 3]
+        if alpha.max() == 0:
+            raise StudioError("the image is fully transparent: there is nothing to see in it")
+        if alpha.min() < 255:
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            flat = Image.alpha_composite(white, rgba).convert("RGB")
+            return flat, "transparent pixels were put on a white background"
+    return im.convert("RGB"), None
+
+
 def crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     """The centred square (left, top, right, bottom) that `prepare_image` keeps of a width x height image."""
     side = min(width, height)
@@ -95,24 +114,15 @@ def prepare_image(image, size: int) -> tuple[np.ndarray, list[str]]:
     Transparency is composited on white; a non-square image is centre-cropped to a square (the
     same crop as `crop_box`/`fit_mask`), then resized to size x size.
     """
-    im = _open(image)
+    im = open_image(image)
     size = int(size)
     if size < 8:
         raise StudioError(f"the model's image size must be at least 8 (got {size})")
     notes = []
     if min(im.size) < 8:
         raise StudioError(f"the image is too small ({im.width}x{im.height}); it needs at least 8x8 pixels")
-    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        alpha = np.asarray(rgba)[..., 3]
-        if alpha.max() == 0:
-            raise StudioError("the image is fully transparent: there is nothing to see in it")
-        if alpha.min() < 255:
-            notes.append("transparent pixels were put on a white background")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba)
-    im = im.convert("RGB")
+    im, note = flatten_alpha(im)
+    notes += [note] if note else []
     w, h = im.size
     if w != h:
         box = crop_box(w, h)
@@ -126,7 +136,9 @@ def prepare_image(image, size: int) -> tuple[np.ndarray, list[str]]:
 
 
 def fit_mask(mask, size: int) -> np.ndarray:
-    """A mask drawn on the original image, with the crop and resize of `prepare_image`: (size, size) bool."""
+    """A mask drawn on the original image, with the crop and resize of `prepare_image`: (size, size) bool.
+
+    Accepts bool or 0..1 arrays, uint8 0..255 images (grey, RGB or RGBA: any channel set counts)."""
     m = np.asarray(mask)
     if m.ndim == 3:
         m = m[..., :3].max(-1) if m.shape[-1] in (3, 4) else m[..., 0]
@@ -137,9 +149,11 @@ def fit_mask(mask, size: int) -> np.ndarray:
         m = m / 255.0
     h, w = m.shape
     left, top, right, bottom = crop_box(w, h)
-    t = torch.from_numpy(m[top:bottom, left:right].copy())[None, None]
-    t = F.interpolate(t, size=(size, size), mode="area" if t.shape[-1] >= size else "bilinear", align_corners=None
-                      if t.shape[-1] >= size else False)
+    t = torch.from_numpy(np.ascontiguousarray(m[top:bottom, left:right]))[None, None]
+    if t.shape[-1] >= size:
+        t = F.interpolate(t, size=(size, size), mode="area")
+    else:
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
     return (t[0, 0] >= 0.5).numpy()
 
 
@@ -291,8 +305,9 @@ def attention_features(manager, picture: np.ndarray, *, timestep: int = DEFAULT_
         if not 1 <= repeats <= 16:
             raise StudioError(f"repeats must be from 1 to 16 (got {repeats})")
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        if picture.shape[:2] != (size, size):
-            raise StudioError(f"the image must be the model's {size}x{size} input: pass it through prepare_image")
+        picture = np.asarray(picture)
+        if picture.shape != (size, size, 3) or picture.dtype != np.uint8:
+            raise StudioError(f"the image must be the model's {size}x{size} RGB input: pass it through prepare_image")
         start = time.perf_counter()
         device, dtype = pipe.device, pipe.unet.dtype
         tokens = sequence_length(pipe.tokenizer, prompt)
@@ -307,8 +322,11 @@ def attention_features(manager, picture: np.ndarray, *, timestep: int = DEFAULT_
             session.begin(False, noisy.shape[-2:])
             manager.check_stop()
             pipe.unet(noisy, t, encoder_hidden_states=cond)
-        qk = {name: (q.cpu(), k.cpu()) for (step, name), (q, k) in session.self_qk.items()}
-        affinity, grid, used = aggregate_self_attention(qk, session.geometry)
+        kept = {name: pair for (_, name), pair in session.self_qk.items()}
+        affinity, grid, used = aggregate_self_attention(kept, session.geometry)   # on the model's device
+        affinity = affinity.cpu()
+        kept.clear()
+        session.self_qk.clear()
         eot = session.cross.maps(size=grid[0], layers=None)[:, tokens - 1].mean(0).cpu()  # (h, w)
         if eot.shape != grid:
             eot = F.interpolate(eot[None, None], size=grid, mode="bilinear", align_corners=False)[0, 0]
@@ -371,15 +389,16 @@ class Cluster:
     merged: tuple[int, ...] = ()
     edge: float = 0.0          # share of the cluster's own pixels that lie on the image border
 
-    def own_keys(self, reach: int = 1) -> torch.Tensor:
-        """The key map where it lies on or next to (`reach` cells) the cluster, 0..1 (0: its floor)."""
-        near = dilate(self.members, reach)
+    def key_map(self, reach: int = 1) -> torch.Tensor:
+        """Where the cluster attends, on and next to it (`reach` cells): the key map above its floor,
+        0 farther away, scaled so that its mean over the cluster's own pixels is 1."""
         k = self.keys - self.keys.min()
-        k = torch.where(near, k, torch.zeros(()))
-        return k / k.max().clamp_min(1e-12)
+        k = torch.where(dilate(self.members, reach), k, torch.zeros(()))
+        return k / k[self.members].mean().clamp_min(1e-12)
 
-    def key_mask(self, share: float, reach: int = 1) -> torch.Tensor:
-        return self.own_keys(reach) >= share
+    def key_mask(self, share: float = 0.8, reach: int = 1) -> torch.Tensor:
+        """The pixels that get at least `share` of the attention the cluster's pixels get on average."""
+        return self.key_map(reach) >= share
 
 
 def dilate(mask: torch.Tensor, cells: int) -> torch.Tensor:
@@ -446,7 +465,7 @@ def _same_thing(a: Cluster, b: Cluster, share: float, merge_iou: float, merge_in
 
 
 def select_concepts(features: AttentionFeatures, labels: torch.Tensor, *, count: int | None = None,
-                    share: float = 0.6, min_self: float = 1.4, max_border: float = 0.2, max_edge: float = 0.3,
+                    share: float = 0.8, min_self: float = 1.4, max_border: float = 0.2, max_edge: float = 0.3,
                     merge_iou: float = 0.4, merge_inside: float = 0.5, split: bool = True, min_part: float = 0.02,
                     saliency: str = "self") -> list[Cluster]:
     """The clusters (of `labels`, (N,) on the attention grid) that are things, most salient first.
@@ -506,9 +525,11 @@ def select_concepts(features: AttentionFeatures, labels: torch.Tensor, *, count:
 
 
 # -- 5. masks ----------------------------------------------------------------------------------------
-def joint_bilateral(maps: torch.Tensor, guide: torch.Tensor, *, radius: int = 3, sigma_space: float = 2.0,
+def joint_bilateral(maps: torch.Tensor, guide: torch.Tensor, *, radius: int = 5, sigma_space: float = 3.0,
                     sigma_colour: float = 0.1, iterations: int = 2) -> torch.Tensor:
-    """Smooth (k, H, W) maps with weights from a (3, H, W) guide image in 0..1: edges of the guide stay edges."""
+    """Smooth (k, H, W) maps with weights from a (3, H, W) guide image in 0..1 (joint bilateral
+    filter): a pixel averages the maps of nearby pixels of its own colour, so the maps' edges move to
+    the guide's edges. Radius and sigmas are in pixels of the maps (tuned at 4 pixels per attention cell)."""
     k, hh, ww = maps.shape
     size = 2 * radius + 1
     ys, xs = torch.meshgrid(torch.arange(-radius, radius + 1), torch.arange(-radius, radius + 1), indexing="ij")
@@ -547,34 +568,43 @@ def largest_component(mask: torch.Tensor) -> torch.Tensor:
     return parts == torch.bincount(parts[mask]).argmax()
 
 
-def concept_masks(things: list[Cluster], size: int, *, share: float = 0.6, guide: torch.Tensor | None = None,
-                  fill: bool = True, reach: int = 1) -> torch.Tensor:
-    """(k, size, size) soft maps in 0..1 of the things (their key maps), exclusive where they meet.
+WORK_CELL = 4   # masks are drawn (and refined) at 4 pixels per attention cell, then resized to the image
 
-    Each key map is scaled to 0..1 (0 at its floor, 1 at its peak) and upsampled; a pixel goes to
-    the thing with the highest map if that map is >= `share` (so a mask is its key map above
-    `share` of its peak). With `guide` (3, size, size) the maps are first filtered edge-aware.
-    Returned as soft scores: the pixel belongs to thing i where soft[i] >= 0.5.
+
+def concept_masks(things: list[Cluster], size: int, *, share: float = 0.8, guide: torch.Tensor | None = None,
+                  fill: bool = True, reach: int = 1) -> torch.Tensor:
+    """(k, size, size) soft maps in 0..1 of the things, exclusive where they meet: thing i holds the
+    pixels where soft[i] >= 0.5.
+
+    A thing's mask is its key map (`Cluster.key_map`) at or above `share`, upsampled bilinearly to
+    4 pixels per attention cell (with `guide`, a (3, H, W) image in 0..1, filtered edge-aware
+    there); where two things claim a pixel the higher map wins; its largest connected part is kept
+    and (`fill`) holes are filled; the result is resized to `size`.
     """
     if not things:
         return torch.zeros((0, size, size))
-    maps = torch.stack([c.own_keys(reach) for c in things])
-    maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    h, w = things[0].members.shape
+    work = (min(size, WORK_CELL * h), min(size, WORK_CELL * w))
+    maps = torch.stack([(c.key_map(reach) * (0.5 / share)).clamp(max=1.0) for c in things])
+    maps = F.interpolate(maps[:, None], size=work, mode="bilinear", align_corners=False)[:, 0]
     if guide is not None:
+        if tuple(guide.shape[-2:]) != work:
+            guide = F.interpolate(guide[None].float(), size=work, mode="area")[0]
         maps = joint_bilateral(maps, guide)
     win = maps.argmax(0)
     out = []
     for i in range(len(things)):
-        m = (maps[i] >= share) & (win == i)
-        m = largest_component(m)
+        m = largest_component((maps[i] >= 0.5) & (win == i))
         if fill:
             m = fill_holes(m)
-        # soft score: 1 inside, the map (scaled so share -> 0.5) outside
-        out.append(torch.where(m, torch.ones(()), (maps[i] / share * 0.5).clamp(max=0.49)))
-    return torch.stack(out)
+        out.append(torch.where(m, torch.ones(()), maps[i].clamp(max=0.49)))
+    out = torch.stack(out)
+    if work != (size, size):
+        out = F.interpolate(out[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    return out
 
 
-def _left_to_right(masks: list[np.ndarray]) -> list[int]:
+def left_to_right(masks: list[np.ndarray]) -> list[int]:
     """Order masks left to right by centroid; nearly the same column (within 1/8 of the width): top first."""
     h, w = masks[0].shape
     cents = []
@@ -603,7 +633,7 @@ class Localization:
 
 
 def localize(manager, image, *, count: int | None = None, timestep: int = DEFAULT_TIMESTEP,
-             clusters: int = DEFAULT_CLUSTERS, seed=0, repeats: int = 2, prompt: str = "", share: float = 0.6,
+             clusters: int = DEFAULT_CLUSTERS, seed=0, repeats: int = 2, prompt: str = "", share: float = 0.8,
              min_self: float = 1.4, saliency: str = "self", refine: bool = True, split: bool = True) -> Localization:
     """`find_concepts` with everything it saw (clusters, scores, notes): for the UI and benchmarks."""
     if count is not None:
@@ -618,7 +648,7 @@ def localize(manager, image, *, count: int | None = None, timestep: int = DEFAUL
     clusters = int(clusters)
     if not 2 <= clusters <= 16:
         raise StudioError(f"clusters must be from 2 to 16 (got {clusters})")
-    original = _open(image)
+    original = open_image(image)
     width, height = original.size
     pipe = manager.pipe
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -639,7 +669,7 @@ def localize(manager, image, *, count: int | None = None, timestep: int = DEFAUL
     keep = [i for i, m in enumerate(masks) if m.sum() >= max(4, 0.002 * m.size)]
     if len(keep) < len(masks):
         notes.append(f"{len(masks) - len(keep)} found region(s) were too small to keep")
-    order = [keep[i] for i in _left_to_right([masks[j] for j in keep])] if keep else []
+    order = [keep[i] for i in left_to_right([masks[j] for j in keep])] if keep else []
     if not order:
         raise StudioError("no object found: the regions found were too small. Draw the masks or click the objects")
     if count is not None and len(order) < count:
