@@ -163,3 +163,20 @@ def test_stop_saves_state_and_resume_continues(manager, tmp_path):
                       resume=True)
     with pytest.raises(StudioError, match="class word"):
         train_concept(manager, images, "<r>", semantic_weight=0.1)
+
+
+def test_compose_switches_the_concepts_off_and_back_on_when_it_fails(manager):
+    from studio.customize.library import compose
+
+    manager.apply(hand_made(manager))
+    manager.apply(hand_made(manager, "<y>", scale=0.02))
+    both = manager.fingerprint()
+    with pytest.raises(StudioError, match="weight"):
+        compose(manager, [1, 2], "adapters", [1.0, 2.0, 3.0])
+    assert manager.fingerprint() == both and [c.on for c in learned_concepts(manager)] == [True, True]
+    entry = compose(manager, [1, 2], "merge")
+    assert entry.edit.kind == "compose_merge" and [c.on for c in learned_concepts(manager)] == [False, False]
+    vocab = manager.pipe.tokenizer.get_vocab()
+    assert "<x>" in vocab and "<y>" in vocab
+    with pytest.raises(StudioError, match="at least two"):
+        compose(manager, [1], "merge")
