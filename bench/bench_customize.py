@@ -145,13 +145,17 @@ def both_rate(manager, prompt: str, seeds: int) -> float:
     return float(np.mean([{"heart", "cross"} <= {r.shape for r in rs} for rs in reads]))
 
 
-def quality(manager, seeds: int, steps: int, method: str, targets: str) -> dict:
+def quality(manager, seeds: int, steps: int, method: str, targets: str, prior_weight: float,
+            prior_images: int) -> dict:
     from studio.customize import compose
     from studio.customize.library import compose as compose_applied
     from studio.toyworld.evaluate import score, single_prompts
 
-    kw = dict(method=method, steps=steps, lora_targets=targets)
-    out = {"settings": kw}
+    from studio.customize.library import toy_prior_prompts
+
+    kw = dict(method=method, steps=steps, lora_targets=targets, prior_weight=prior_weight, prior_images=prior_images,
+              prior_prompts=toy_prior_prompts())
+    out = {"settings": {k: v for k, v in kw.items() if k != "prior_prompts"}}
     before = score(manager, single_prompts(), seeds=max(1, seeds // 2))["single"].rates()
     heart, out["heart"] = teach(manager, "heart", "<heart>", seeds, **kw)
     cross, out["cross"] = teach(manager, "cross", "<cross>", seeds, **kw)
@@ -212,6 +216,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=400)
     ap.add_argument("--method", default="lora")
     ap.add_argument("--targets", default="attention+ff")
+    ap.add_argument("--prior-weight", type=float, default=1.0, help="prior preservation on the known toy shapes")
+    ap.add_argument("--prior-images", type=int, default=48)
     ap.add_argument("--out", default="bench/results/customize.json")
     args = ap.parse_args()
     if args.arch == "sd15":
@@ -228,7 +234,8 @@ def main() -> None:
     for k, v in results["throughput"].items():
         print(f"{k:<42}{v['steps_per_s']:>10.2f}{v['peak_mb']:>12.0f}")
     if args.quality:
-        results["quality"] = quality(manager, args.seeds, args.train_steps, args.method, args.targets)
+        results["quality"] = quality(manager, args.seeds, args.train_steps, args.method, args.targets,
+                                     args.prior_weight, args.prior_images)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

@@ -28,7 +28,7 @@ def work_dir(token: str) -> Path:
 
 
 def train(manager: PipelineManager, files, token, class_word, method, steps, lr, token_lr, batch, rank, targets,
-          vectors, cross_init, semantic, prior, checkpointing, preview_every, preview_prompts, resume,
+          vectors, cross_init, semantic, prior, prior_prompts, checkpointing, preview_every, preview_prompts, resume,
           preview=None, progress=None) -> str:
     pipe = manager.pipe
     images, notes = load_images([getattr(f, "name", f) for f in files or []],
@@ -39,6 +39,8 @@ def train(manager: PipelineManager, files, token, class_word, method, steps, lr,
         manager, images, token, method=METHOD_KEYS.get(method, method), class_word=class_word,
         steps=steps or None, lr=lr or None, token_lr=token_lr or None, batch=batch, rank=rank, lora_targets=targets,
         vectors=vectors, cross_init=cross_init, semantic_weight=semantic, prior_weight=prior,
+        prior_prompts=[p for p in (prior_prompts or "").splitlines() if p.strip()],
+        prior_images=min(48, 2 * max(1, len((prior_prompts or "").splitlines()))),
         gradient_checkpointing=checkpointing, preview_every=preview_every,
         preview_prompts=[p.replace("{}", token) for p in prompts] or None,
         preview=(lambda step, shots: preview(shots)) if preview else None, progress=progress,
@@ -95,7 +97,10 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                                                            "text-encoder output)")
                 semantic = gr.Slider(0, 1, value=0.0, step=0.01, label="Semantic preservation weight "
                                                                          "(ClassDiffusion; needs a class word)")
-                prior = gr.Slider(0, 2, value=0.0, step=0.1, label="Prior preservation weight (class images)")
+                prior = gr.Slider(0, 2, value=1.0 if toy else 0.0, step=0.1,
+                                  label="Prior preservation weight (images the model draws now, kept while it learns)")
+                prior_prompts = gr.Textbox(label="Prior prompts, one per line (blank: 'a <class word>')", lines=2,
+                                           value="\n".join(library.toy_prior_prompts()) if toy else "")
                 checkpointing = gr.Checkbox(value=False, label="Gradient checkpointing (less memory, slower)")
                 with gr.Row():
                     preview_every = gr.Slider(10, 500, value=100, step=10, label="Preview every N steps")
@@ -142,7 +147,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
             previews = gr.Gallery(label="Previews during training", columns=4, height="auto", format="png")
 
     settings = [files, token, class_word, method, steps, lr, token_lr, batch, rank, targets, vectors, cross_init,
-                semantic, prior, checkpointing, preview_every, preview_prompts, resume]
+                semantic, prior, prior_prompts, checkpointing, preview_every, preview_prompts, resume]
 
     @user_errors
     def on_train(*values, progress=gr.Progress()):

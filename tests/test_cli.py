@@ -39,6 +39,7 @@ def test_cli_erase_saves_an_edit_that_reapplies_and_exports_a_lora(tmp_path, cap
 def test_cli_customize_trains_saves_exports_and_imports_exactly(tmp_path, capsys):
     out, edits, exported = tmp_path / "imgs", tmp_path / "heart.safetensors", tmp_path / "exported"
     assert main(["customize", "--toy-example", "heart", "--token", "<heart>", "--steps", "3", "--batch", "2",
+                 "--prior-images", "2",
                  "--device", "cpu", "--prompt", "a red <heart>", "--out", str(out / "trained"), "--save", str(edits),
                  "--export", str(exported)]) == 0
     text = capsys.readouterr().out

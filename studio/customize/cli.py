@@ -32,7 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vectors", type=int, default=1)
     p.add_argument("--no-cross-init", action="store_true")
     p.add_argument("--semantic-weight", type=float, default=0.0, help="ClassDiffusion semantic preservation")
-    p.add_argument("--prior-weight", type=float, default=0.0, help="prior preservation on class images")
+    p.add_argument("--prior-weight", type=float, default=None,
+                   help="prior preservation on images the model draws now (default: 1 with --toy-example, else 0)")
+    p.add_argument("--prior-prompt", action="append", default=[],
+                   help="what the model must keep drawing (repeatable; default 'a <class word>', or the toy shapes)")
+    p.add_argument("--prior-images", type=int, default=48)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--save-dir", help="save the training state here every --save-every steps (for --resume)")
     p.add_argument("--save-every", type=int, default=100)
@@ -58,15 +62,18 @@ def command(args, manager) -> list[str]:
     if args.toy_example:
         from PIL import Image
 
-        from .library import toy_examples
+        from .library import toy_examples, toy_prior_prompts
 
         examples = toy_examples(args.toy_example)
         sources, captions = [Image.fromarray(im) for im, _ in examples], [c for _, c in examples]
+        args.prior_prompt = args.prior_prompt or toy_prior_prompts()
+        args.prior_weight = 1.0 if args.prior_weight is None else args.prior_weight
     images, notes = load_images(sources, resolution, captions)
     edit = train_concept(manager, images, args.token, method=args.method, class_word=args.class_word,
                          steps=args.steps, lr=args.lr, token_lr=args.token_lr, batch=args.batch, rank=args.rank,
                          lora_targets=args.lora_targets, vectors=args.vectors, cross_init=not args.no_cross_init,
-                         semantic_weight=args.semantic_weight, prior_weight=args.prior_weight,
+                         semantic_weight=args.semantic_weight, prior_weight=args.prior_weight or 0.0,
+                         prior_prompts=args.prior_prompt, prior_images=args.prior_images,
                          gradient_checkpointing=args.gradient_checkpointing, save_dir=args.save_dir,
                          save_every=args.save_every, resume=args.resume,
                          progress=lambda i, n: print(f"\rstep {i}/{n}", end="", flush=True))

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..edits import Edit
 from ..errors import StudioError
-from ..toyworld.scenes import COLOURS, SceneObject, render
+from ..toyworld.scenes import COLOURS, SHAPES, SceneObject, render
 from .concept import with_strength
 
 COMPOSITIONS = ("merge", "adapters")
@@ -108,3 +108,8 @@ def toy_examples(shape: str = "heart", count: int = 8, seed: int = 0) -> list[tu
                           str(rng.choice(["centre", "left", "right", "top", "bottom"])), float(rng.uniform(0.2, 0.3)))
         out.append((render([obj], rng), f"a {obj.colour} {{}}"))
     return out
+
+
+def toy_prior_prompts() -> list[str]:
+    """What the toy model must keep drawing while it learns a new shape: every known colour and shape."""
+    return [f"a {c} {s}" for c in COLOURS for s in SHAPES]

@@ -194,7 +194,7 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
                   token_lr: float | None = None, batch: int = 4,
                   rank: int = 4, lora_targets: str = "attention", vectors: int = 1, cross_init: bool = True,
                   cross_init_weight: float = 1e-5, semantic_weight: float = 0.0, prior_weight: float = 0.0,
-                  prior_images: int = 8, templates: list[str] | None = None, flip: bool = True, seed=0,
+                  prior_images: int = 8, prior_prompts: list[str] | None = None, templates: list[str] | None = None, flip: bool = True, seed=0,
                   gradient_checkpointing: bool = False, mixed_precision: bool = True,
                   progress: Progress | None = None, preview: Preview | None = None, preview_every: int = 100,
                   preview_prompts: list[str] | None = None, save_dir: str | Path | None = None,
@@ -230,15 +230,20 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
     preview_every = _whole("preview interval", preview_every, 1, MAX_STEPS)
     save_every = _whole("save interval", save_every, 1, MAX_STEPS)
     seed = parse_seed(seed)
-    if (semantic_weight or prior_weight) and not class_word:
-        raise StudioError("semantic and prior preservation need a class word (what the concept is, e.g. 'dog')")
+    prior_prompts = [p.strip() for p in prior_prompts or [] if p.strip()] or ([f"a {class_word}"] if class_word else [])
+    if semantic_weight and not class_word:
+        raise StudioError("semantic preservation needs a class word (what the concept is, e.g. 'dog')")
+    if prior_weight and not prior_prompts:
+        raise StudioError("prior preservation needs a class word or prior prompts (what the model must keep drawing)")
+    prior_images = _whole("prior images", prior_images, 1, 1000)
     templates = [t for t in (templates or DEFAULT_TEMPLATES) if t.strip()]
     previews = preview_prompts or [f"a {token}"]
     settings = dict(method=method, token=token, class_word=class_word, steps=steps, lr=lr, token_lr=token_lr,
                     batch=batch, rank=rank,
                     lora_targets=lora_targets, vectors=vectors, cross_init=bool(cross_init),
                     cross_init_weight=cross_init_weight, semantic_weight=semantic_weight,
-                    prior_weight=prior_weight, seed=seed, images=len(images))
+                    prior_weight=prior_weight, prior_prompts=prior_prompts if prior_weight else [], seed=seed,
+                    images=len(images))
     state_path = Path(save_dir) / "state.safetensors" if save_dir else None
     if resume and not (state_path and state_path.is_file()):
         raise StudioError(f"nothing to resume: no saved state in {save_dir!r}")
@@ -288,7 +293,7 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
         captions = [img.caption for img in images] * (2 if flip else 1)
         prior = None
         if prior_weight:
-            prior = prior_latents(manager, class_word, prior_images, seed)
+            prior, prior_texts = prior_latents(manager, prior_prompts, prior_images, seed)
         init_features = None
         if cross_init and class_word:
             init_features = init.detach().float().to(device)
@@ -303,8 +308,9 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
                 x0 = latents[pick].to(device)
                 texts = [expand(pipe, fill(captions[i] or rng.choice(templates), token)) for i in pick.tolist()]
                 if prior is not None:
-                    x0 = torch.cat([x0, prior[torch.randint(0, len(prior), (batch,), generator=gen)].to(device)])
-                    texts += [f"a {class_word}"] * batch
+                    which = torch.randint(0, len(prior), (batch,), generator=gen)
+                    x0 = torch.cat([x0, prior[which].to(device)])
+                    texts += [prior_texts[i] for i in which.tolist()]
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(device)
                 with autocast:
@@ -381,12 +387,15 @@ def semantic_loss(pipe, token: str, class_word: str, texts: list[str]) -> torch.
 
 
 @torch.no_grad()
-def prior_latents(manager, class_word: str, count: int, seed: int) -> torch.Tensor:
-    """Latents of `count` images of the class drawn by the frozen model (prior preservation)."""
+def prior_latents(manager, prompts: list[str], count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Latents of `count` images the frozen model draws for `prompts` (cycled), and their prompts:
+    prior preservation (DreamBooth, Custom Diffusion's regularization images)."""
     pipe = manager.pipe
-    out = pipe(prompt=[f"a {class_word}"] * count, num_inference_steps=20, output_type="latent",
-               generator=torch.Generator("cpu").manual_seed(seed + 1)).images
-    return out.float().cpu()
+    texts = [prompts[i % len(prompts)] for i in range(count)]
+    gen = torch.Generator("cpu").manual_seed(seed + 1)
+    out = [pipe(prompt=texts[i:i + 8], num_inference_steps=20, output_type="latent", generator=gen).images
+           for i in range(0, count, 8)]
+    return torch.cat(out).float().cpu(), texts
 
 
 # -- saved state (resume) -----------------------------------------------------------------------
