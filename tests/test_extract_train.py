@@ -36,7 +36,7 @@ def test_attention_loss_pulls_a_map_toward_its_mask():
     positions = [[torch.tensor([2]), torch.tensor([5])]]
 
     def share(j):
-        m = logits.softmax(-1)[0, :, positions[0][j]].mean(-1).reshape(16, 16)
+        m = logits.detach().softmax(-1)[0, :, positions[0][j]].mean(-1).reshape(16, 16)
         return float((m * masks[j]).sum() / m.sum())
 
     before = [share(0), share(1)]
