@@ -14,3 +14,13 @@ def manager():
     m = PipelineManager("builtin", device="cpu")
     m.pipe
     return m
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The built-in model shared by a test module (for tests that leave it as they found it)."""
+    from studio.manager import PipelineManager
+
+    m = PipelineManager("builtin", device="cpu")
+    m.pipe.set_progress_bar_config(disable=True)
+    return m

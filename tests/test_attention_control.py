@@ -16,17 +16,9 @@ from studio.attention.control import (
 from studio.attention.run import CaptureOptions, compare_control, generate_with_maps
 from studio.errors import JobStopped, StudioError
 from studio.generation import GenerationRequest
-from studio.manager import PipelineManager
 
 PROMPT = "a red circle and a blue square"
 NO_CAPTURE_EXTRAS = CaptureOptions(per_step=False, self_step=-1)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    m = PipelineManager("builtin", device="cpu")
-    m.pipe.set_progress_bar_config(disable=True)
-    return m
 
 
 def test_losses_are_the_published_ones_on_synthetic_maps():

@@ -13,17 +13,9 @@ from studio.attention.run import CaptureOptions, generate_with_maps
 from studio.attention.view import View, render_view
 from studio.errors import StudioError
 from studio.generation import GenerationRequest
-from studio.manager import PipelineManager
 from studio.toyworld.scenes import make_scene
 
 PROMPT = "a red circle and a blue square"
-
-
-@pytest.fixture(scope="module")
-def toy():
-    m = PipelineManager("builtin", device="cpu")
-    m.pipe.set_progress_bar_config(disable=True)
-    return m
 
 
 @pytest.fixture(scope="module")

@@ -24,18 +24,10 @@ from studio.edits import Edit
 from studio.erase.text import encode
 from studio.errors import StudioError
 from studio.generation import GenerationRequest
-from studio.manager import PipelineManager
 from studio.toyworld.scenes import COLOURS
 
 PROMPT = "a red circle and a blue square"
 OUTSIDE = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
-
-
-@pytest.fixture(scope="module")
-def toy():
-    m = PipelineManager("builtin", device="cpu")
-    m.pipe.set_progress_bar_config(disable=True)
-    return m
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,10 @@ from studio.errors import StudioError
 from studio.extract.localize import (AttentionFeatures, aggregate_self_attention, check_masks, concept_masks,
                                      crop_box, find_concepts, fit_mask, kl_kmeans, localize, prepare_image,
                                      select_concepts)
-from studio.manager import PipelineManager
 from studio.toyworld.scenes import BACKGROUND, make_scene
 
 torch.set_num_threads(1)
 SEEDS = (11, 5000, 5002, 5004, 5006, 5007)   # 11: the Extract tab's toy scene; 5000..: the benchmark's (not tuned on)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    m = PipelineManager("builtin", device="cpu")
-    m.pipe.set_progress_bar_config(disable=True)
-    return m
 
 
 def iou(a, b):

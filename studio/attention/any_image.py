@@ -23,8 +23,8 @@ from .tokens import sequence_length
 DEFAULT_TIMESTEP = 100
 
 
-def load_image(image) -> Image.Image:
-    """A PIL RGB image from a PIL image, an array (H x W x 3 / H x W) or a file path; StudioError otherwise."""
+def open_image(image) -> Image.Image:
+    """A PIL image (any mode, alpha kept) from a path, a PIL image or an array; StudioError otherwise."""
     if image is None or (isinstance(image, str) and not image.strip()):
         raise StudioError("no image: upload one first")
     if isinstance(image, (str, Path)):
@@ -34,23 +34,33 @@ def load_image(image) -> Image.Image:
         try:
             with Image.open(path) as im:
                 im.load()
-                image = im.copy()
+                return im.copy()
         except (UnidentifiedImageError, OSError) as exc:
             raise StudioError(f"cannot read {path.name!r} as an image ({exc.__class__.__name__}): "
                               "upload a PNG, JPEG or WebP") from None
     if isinstance(image, np.ndarray):
         a = image
-        if a.ndim == 3 and a.shape[-1] == 4:
-            a = a[..., :3]
-        if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)):
-            raise StudioError(f"the image must be H x W x 3 (RGB) or H x W (grey); got an array of shape {a.shape}")
-        if a.dtype != np.uint8:
+        if a.ndim == 3 and a.shape[-1] == 1:
+            a = a[..., 0]
+        if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
+            raise StudioError(f"the image must be H x W x 3 (RGB), H x W x 4 (RGBA) or H x W (grey); "
+                              f"got an array of shape {a.shape}")
+        if a.dtype == bool:
+            a = a.astype(np.uint8) * 255
+        elif a.dtype != np.uint8:
+            a = a.astype(np.float64)
             if not np.isfinite(a).all():
                 raise StudioError("the image has NaN or infinite pixel values")
             a = np.clip(a * (255 if a.max() <= 1 else 1), 0, 255).round().astype(np.uint8)
-        image = Image.fromarray(a)
-    if not isinstance(image, Image.Image):
-        raise StudioError(f"expected an image, got {type(image).__name__}")
+        return Image.fromarray(np.ascontiguousarray(a))
+    if isinstance(image, Image.Image):
+        return image
+    raise StudioError(f"expected an image (a file path, a PIL image or an array), got {type(image).__name__}")
+
+
+def load_image(image) -> Image.Image:
+    """A PIL RGB image (alpha dropped) from a PIL image, an array or a file path; StudioError otherwise."""
+    image = open_image(image)
     if min(image.size) < 8:
         raise StudioError(f"the image is too small ({image.width}x{image.height}); it needs at least 8x8 pixels")
     return image.convert("RGB")

@@ -32,14 +32,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import cmp_to_key
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..attention.any_image import open_image
 from ..attention.tokens import sequence_length
 from ..errors import StudioError
 from ..generation import parse_seed
@@ -51,41 +51,6 @@ MAX_CONCEPTS = 8
 
 
 # -- the image ---------------------------------------------------------------------------------------
-def open_image(image) -> Image.Image:
-    """A PIL image (any mode, alpha kept) from a path, a PIL image or an array; StudioError otherwise."""
-    if image is None or (isinstance(image, str) and not image.strip()):
-        raise StudioError("no image: upload one first")
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise StudioError(f"cannot read the image {str(path)!r}: no such file")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.copy()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise StudioError(f"cannot read {path.name!r} as an image ({exc.__class__.__name__}): "
-                              "upload a PNG, JPEG or WebP") from None
-    if isinstance(image, np.ndarray):
-        a = image
-        if a.ndim == 3 and a.shape[-1] == 1:
-            a = a[..., 0]
-        if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
-            raise StudioError(f"the image must be H x W x 3 (RGB), H x W x 4 (RGBA) or H x W (grey); "
-                              f"got an array of shape {a.shape}")
-        if a.dtype == bool:
-            a = a.astype(np.uint8) * 255
-        elif a.dtype != np.uint8:
-            a = a.astype(np.float64)
-            if not np.isfinite(a).all():
-                raise StudioError("the image has NaN or infinite pixel values")
-            a = np.clip(a * (255 if a.max() <= 1 else 1), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(np.ascontiguousarray(a))
-    if isinstance(image, Image.Image):
-        return image
-    raise StudioError(f"expected an image (a file path, a PIL image or an array), got {type(image).__name__}")
-
-
 def flatten_alpha(im: Image.Image) -> tuple[Image.Image, str | None]:
     """RGB, with transparent pixels composited on white; a note if any pixel was (partly) transparent."""
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
