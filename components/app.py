@@ -10,7 +10,6 @@ from studio.manager import PipelineManager
 from . import attention_tab, customize_tab, erase_tab, extract_tab, generate_tab, history_panel
 
 CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "studio.css"
-MAX_UPLOAD = "200mb"
 TOY_NOTE = ("> **Toy-world model** (64×64, trained here from scratch). It knows the shapes circle, square, "
             "triangle, star; the colours red, green, blue, yellow, purple, orange (and crimson, scarlet, azure); the "
             "styles solid, striped, dotted, outlined; positions left/right/top/bottom. Try *a striped blue star* "
@@ -24,6 +23,8 @@ def build_app(manager: PipelineManager, sam=None) -> gr.Blocks:
         gr.Markdown("# Concept Studio\nEdit what a text-to-image model knows. Every edit can be undone exactly.")
         if manager.info.kind == "builtin-toy":
             gr.Markdown(TOY_NOTE, elem_classes="demo-note")
+        if manager.restore_notes:
+            gr.Markdown("> **Last session:** " + manager.restore_notes[0] + ".", elem_classes="demo-note")
         if manager.info.is_demo:
             gr.Markdown("> **Demo model:** random weights built from configs; it knows nothing, so images look "
                         "like noise. Load a real model with `--model`.", elem_classes="demo-note")
@@ -49,13 +50,14 @@ def build_app(manager: PipelineManager, sam=None) -> gr.Blocks:
 
 
 def launch(manager: PipelineManager, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           auth: tuple[str, str] | None = None, block: bool = True, sam=None) -> gr.Blocks:
-    """Serve the app; loopback only unless a host or a share link is asked for."""
+           auth: tuple[str, str] | None = None, block: bool = True, sam=None, max_upload: str | int = "200mb") -> gr.Blocks:
+    """Serve the app; loopback only unless a host or a share link is asked for. Gradio serves only the
+    files the app made or was sent (no other path), and the monitoring endpoint stays off."""
     demo = build_app(manager, sam)
     demo.queue(default_concurrency_limit=1)
     demo.launch(
-        server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_UPLOAD,
-        enable_monitoring=False, prevent_thread_lock=not block, quiet=not block,
+        server_name=host, server_port=port, share=share, auth=auth, max_file_size=max_upload,
+        enable_monitoring=False, show_error=True, prevent_thread_lock=not block, quiet=not block,
         css_paths=[CSS_PATH] if CSS_PATH.is_file() else None, footer_links=["api", "settings"],
     )
     return demo

@@ -171,7 +171,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                 seed = gr.Textbox(label="Seed (-1: random)", value="0", max_lines=1)
                 steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
             with gr.Group(visible=False) as image_box:
-                upload = gr.Image(label="Image to analyse", type="pil", sources=["upload", "clipboard"])
+                upload = gr.Image(label="Image to analyse", type="filepath", sources=["upload", "clipboard"])
                 with gr.Row():
                     timestep = gr.Slider(0, pipe.scheduler.config.num_train_timesteps - 1, value=DEFAULT_TIMESTEP,
                                          step=1, label="Noise it to timestep t")

@@ -7,6 +7,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from studio.attention.any_image import open_image
 from studio.customize.images import TrainingImage, to_tensor
 from studio.errors import StudioError
 from studio.extract.break_a_scene import DEFAULTS, extract_concepts
@@ -78,7 +79,7 @@ def build(manager: PipelineManager, sam=None) -> SimpleNamespace:
     with gr.Row():
         with gr.Column(scale=2):
             image = gr.Image(label="Image with several things in it (click an object to segment it with SAM)",
-                             type="numpy", image_mode="RGBA", height=320)
+                             type="filepath", height=320)  # opened by the engine: clear errors for non-images
             if toy:
                 toy_scene = gr.Button("Use a toy-world scene (red heart + yellow triangle)", size="sm")
             with gr.Row():
@@ -138,7 +139,7 @@ def build(manager: PipelineManager, sam=None) -> SimpleNamespace:
     def on_segment(image_, clicked):
         if not clicked:
             raise StudioError("click on the objects first (each click adds a point to the chosen mask)")
-        picture = np.asarray(Image.fromarray(np.asarray(image_)).convert("RGB"))
+        picture = np.asarray(open_image(image_).convert("RGB"))
         found = []
         for i in sorted({c[0] for c in clicked}):
             pts = [(x, y) for j, x, y in clicked if j == i]

@@ -1,6 +1,6 @@
 """Command line: `python -m studio` serves the UI; subcommands work headless, with no UI at all.
 
-    python -m studio [--model M] [--host 127.0.0.1] [--port N] [--share] [--auth user:pass]
+    python -m studio [--model M] [--host 127.0.0.1] [--port N] [--share] [--auth user:pass] [--history-dir D]
     python -m studio generate --prompt "a red circle" --seed 0 --out outputs/ [--edits FILE] [--compare]
     python -m studio scale --pattern 'attn2\\.to_v\\.weight' --factor 0.5 --save edits.safetensors
     python -m studio history FILE
@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
 from .errors import StudioError
 from .generation import SAMPLERS, GenerationRequest
 
+DEFAULT_HISTORY_DIR = Path(os.environ.get("CONCEPT_STUDIO_HOME", Path.home() / ".concept-studio")) / "history"
 SUBCOMMANDS = ("generate", "scale", "history", "attention", "erase", "customize", "extract")
 
 
@@ -43,6 +45,11 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free)")
     p.add_argument("--share", action="store_true", help="create a public gradio share link (off by default)")
     p.add_argument("--auth", default=None, help="require a login, as user:password")
+    p.add_argument("--max-upload", default="200mb", help="largest file a browser may upload (default 200mb)")
+    p.add_argument("--history-dir", default=str(DEFAULT_HISTORY_DIR),
+                   help=f"where the edit history is saved after every change, one file per model, and restored "
+                        f"on the next start (default {DEFAULT_HISTORY_DIR})")
+    p.add_argument("--no-history", action="store_true", help="start clean and do not save the edit history")
     p.add_argument("--sam-checkpoint", default=None, help="Segment Anything checkpoint: click objects in the "
                                                           "Extract tab (without it: found or painted masks)")
     return p
@@ -60,10 +67,13 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="DPM++ 2M", choices=list(SAMPLERS))
 
 
-def _manager(args):
+def _manager(args, history_dir=None):
     from .manager import PipelineManager
 
-    m = PipelineManager(args.model, args.device, args.dtype, args.allow_pickle)
+    m = PipelineManager(args.model, args.device, args.dtype, args.allow_pickle, history_dir=history_dir)
+    if history_dir:
+        m.pipe
+        print(*m.restore_notes, sep="\n", file=sys.stderr)
     for f in args.edits:
         for note in m.load_edits(f):
             print(note, file=sys.stderr)
@@ -152,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             from .extract.sam import SamMasks
 
             sam = SamMasks.load(args.sam_checkpoint)
-        manager = _manager(args)
-        importlib.import_module("components.app").launch(manager, args.host, args.port, args.share, auth, sam=sam)
+        manager = _manager(args, None if args.no_history else args.history_dir)
+        importlib.import_module("components.app").launch(manager, args.host, args.port, args.share, auth, sam=sam,
+                                                         max_upload=args.max_upload)
         return 0
     except StudioError as exc:
         print(f"error: {exc}", file=sys.stderr)

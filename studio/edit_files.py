@@ -8,6 +8,7 @@ of the same architecture (the closed forms are recomputed there, as SPM transfer
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +30,18 @@ class SavedEdit:
     result_digests: dict[str, str] = field(default_factory=dict)
 
 
-def save_edits(entries: list[Entry], path: str | Path) -> Path:
+@dataclass
+class EditFile:
+    edits: list[SavedEdit]
+    position: int  # how many of `edits` were applied; the rest could be redone
+    model: str = ""  # the model source the history was made on ("" for plain edit files)
+
+
+def save_edits(entries: list[Entry], path: str | Path, position: int | None = None, model: str = "") -> Path:
+    """Save `entries`. A plain edit file holds applied edits; a saved history (`position` given)
+    holds the whole stack, redo tail included, and may be empty."""
     path = Path(path)
-    if not entries:
+    if not entries and position is None:
         raise StudioError("there are no applied edits to save")
     tensors, records = {}, []
     for i, entry in enumerate(entries):
@@ -43,14 +53,33 @@ def save_edits(entries: list[Entry], path: str | Path) -> Path:
             originals={n: tensor_digest(t) for n, t in entry.patch.originals.items()},
             results={n: tensor_digest(t) for n, t in entry.patch.results.items()},
         ))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION), "edits": json.dumps(records)})
-    tmp.replace(path)
+    meta = {"format": FORMAT, "version": str(VERSION), "edits": json.dumps(records), "model": model,
+            "position": str(len(entries) if position is None else position)}
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 
+def write_atomically(path: Path, write) -> None:
+    """Write beside `path`, flush to disk, then rename over it: a crash at any moment leaves
+    either the old file or the new one, never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def load_edits(path: str | Path) -> list[SavedEdit]:
+    return load_edit_file(path).edits
+
+
+def load_edit_file(path: str | Path) -> EditFile:
     path = Path(path)
     if not path.is_file():
         raise StudioError(f"edit file not found: {path}")
@@ -70,4 +99,4 @@ def load_edits(path: str | Path) -> list[SavedEdit]:
     for i, r in enumerate(json.loads(meta["edits"])):
         edit = Edit(r["kind"], r["params"], {n: tensors[f"{i}/{n}"] for n in r["tensors"]}, r.get("label", ""))
         saved.append(SavedEdit(edit, r.get("originals", {}), r.get("results", {})))
-    return saved
+    return EditFile(saved, int(meta.get("position", len(saved))), meta.get("model", ""))

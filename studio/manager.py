@@ -4,10 +4,17 @@ Every job that touches the model (generate, edit, train, capture) runs inside `m
 which holds the one lock, so a generation never sees a half-applied edit and two browser tabs
 never run on the GPU at once. Long jobs call `check_stop()` from their step callback; the user's
 stop request then ends them cleanly, with the model untouched.
+
+With a `history_dir`, the whole edit stack (redo tail included) is written atomically after every
+change, one file per model, and restored when that model is loaded again: a crash or a kill
+loses at most the edit that was running, never leaves one half-applied.
 """
 from __future__ import annotations
 
 import gc
+import hashlib
+import logging
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -20,7 +27,7 @@ import torch
 from . import layer_scale  # noqa: F401  (registers the "scale" edit kind)
 from . import customize  # noqa: F401  (registers the learned-concept and composition edit kinds)
 from .erase import closed_form, esd, guard  # noqa: F401  (register the erasure edit kinds)
-from .edit_files import load_edits, save_edits
+from .edit_files import SavedEdit, load_edit_file, load_edits, save_edits
 from .edits import Edit, EditStack, Entry, find_tensor, toggled
 from .errors import JobStopped, StudioError
 from .fingerprint import fingerprint, tensor_digest
@@ -28,6 +35,7 @@ from .generation import SAMPLERS, GenerationRequest
 from .loading import BUILTIN, ModelInfo, classify_source, load_pipeline
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 @dataclass
 class GenerationResult:
@@ -39,9 +47,12 @@ class GenerationResult:
 
 
 class PipelineManager:
-    def __init__(self, source: str = BUILTIN, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False):
+    def __init__(self, source: str = BUILTIN, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False,
+                 history_dir: str | Path | None = None):
         classify_source(source, allow_pickle)  # refuse bad sources now, load later
         self._load_args = dict(source=source, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        self.history_dir = Path(history_dir) if history_dir else None
+        self.restore_notes: list[str] = []  # what restoring the saved history did, for the UI and CLI
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._pipe = None
@@ -65,6 +76,7 @@ class PipelineManager:
             if self._pipe is None:
                 self._pipe, self.info = load_pipeline(**self._load_args)
                 self._stack = EditStack(self._pipe)
+                self._restore_history()
             return self._pipe
 
     @property
@@ -83,6 +95,7 @@ class PipelineManager:
                 torch.cuda.empty_cache()
             self._pipe, self.info, self._stack, self._load_args = pipe, info, EditStack(pipe), args
             self._fingerprints.clear()
+            self._restore_history()
             return info
 
     def describe(self) -> str:
@@ -169,12 +182,12 @@ class PipelineManager:
     # -- edits ---------------------------------------------------------------------------
     def apply(self, edit: Edit) -> Entry:
         with self.job():
-            return self.stack.apply(edit)
+            return self._saved(self.stack.apply(edit))
 
     def replace(self, index: int, edit: Edit) -> Entry:
         """Swap history entry `index` (1-based, applied) for `edit`, re-applying the edits after it."""
         with self.job():
-            return self.stack.replace(int(index), edit)
+            return self._saved(self.stack.replace(int(index), edit))
 
     def toggle(self, index: int) -> Entry:
         """Switch applied entry `index` off (it stays in the history, changing nothing) or back on."""
@@ -185,16 +198,16 @@ class PipelineManager:
 
     def undo(self) -> Entry | None:
         with self.lock:
-            return self.stack.undo()
+            return self._saved(self.stack.undo())
 
     def redo(self) -> Entry | None:
         with self.lock:
-            return self.stack.redo()
+            return self._saved(self.stack.redo())
 
     def reset(self) -> None:
         """Back to the model as loaded (the undone edits stay available for redo)."""
         with self.lock:
-            self.stack.goto(0)
+            self._saved(self.stack.goto(0))
 
     def history(self) -> list[dict]:
         with self.lock:
@@ -207,23 +220,65 @@ class PipelineManager:
     def load_edits(self, path: str | Path) -> list[str]:
         """Apply every edit of a file on top of the current state, all or none; returns notes."""
         saved = load_edits(path)
-        notes = []
         with self.job():
-            start = self.stack.position
-            try:
-                for s in saved:
-                    same = all(tensor_digest(find_tensor(self.pipe, n)) == d for n, d in s.original_digests.items())
-                    entry = self.stack.apply(s.edit)
-                    exact = {n: tensor_digest(t) for n, t in entry.patch.results.items()} == s.result_digests
-                    notes.append(f"{s.edit.title}: " + (
-                        "re-applied exactly" if same and exact else
-                        "re-applied; results differ in the last bits (other device or library version)" if same else
-                        "recomputed for this model (it differs from the one the edit was saved on)"))
-            except BaseException:
-                self.stack.goto(start)
-                del self.stack.entries[start:]
-                raise
+            notes = self._apply_saved(saved)
+            self._saved(None)
         return notes
+
+    def _apply_saved(self, saved: list[SavedEdit]) -> list[str]:
+        notes, start = [], self.stack.position
+        try:
+            for s in saved:
+                same = all(tensor_digest(find_tensor(self.pipe, n)) == d for n, d in s.original_digests.items())
+                entry = self.stack.apply(s.edit)
+                exact = {n: tensor_digest(t) for n, t in entry.patch.results.items()} == s.result_digests
+                notes.append(f"{s.edit.title}: " + (
+                    "re-applied exactly" if same and exact else
+                    "re-applied; results differ in the last bits (other device or library version)" if same else
+                    "recomputed for this model (it differs from the one the edit was saved on)"))
+        except BaseException:
+            self.stack.goto(start)
+            del self.stack.entries[start:]
+            raise
+        return notes
+
+    # -- the saved history ---------------------------------------------------------------------
+    @property
+    def history_path(self) -> Path | None:
+        """Where this model's history is kept: one file per model source, in `history_dir`."""
+        if self.history_dir is None:
+            return None
+        source = self._load_args["source"]
+        slug = re.sub(r"[^\w.-]+", "_", Path(source).name or source)[:40]
+        return self.history_dir / f"history-{slug}-{hashlib.sha1(source.encode()).hexdigest()[:8]}.safetensors"
+
+    def _saved(self, result):
+        """Write the whole stack after a change (atomically); a failure to write is logged, not raised:
+        the edit itself succeeded and stays."""
+        path = self.history_path
+        if path is not None:
+            try:
+                save_edits(self._stack.entries, path, position=self._stack.position, model=self._load_args["source"])
+            except OSError as exc:
+                log.warning("could not save the edit history to %s: %s", path, exc)
+        return result
+
+    def _restore_history(self) -> None:
+        """Bring back the saved history of this model: the same edits, the same position, the same redo tail.
+        An unreadable file is set aside (renamed *.unreadable) and the model starts clean."""
+        path, self.restore_notes = self.history_path, []
+        if path is None or not path.is_file():
+            return
+        try:
+            saved = load_edit_file(path)
+            notes = self._apply_saved(saved.edits)
+            self._stack.goto(saved.position)
+        except (StudioError, KeyError, ValueError) as exc:
+            aside = path.with_name(path.name + ".unreadable")
+            path.replace(aside)
+            self.restore_notes = [f"the saved history could not be restored ({exc}); it was moved to {aside.name}"]
+            return
+        self.restore_notes = [f"restored {len(notes)} edit(s) from the last session, {saved.position} applied"] + notes
 
     # -- attention hooks (owner: studio/attention) ----------------------------------------------
     # Edit-free hooks for the jobs run inside a `with` block: attention capture, attention-guided

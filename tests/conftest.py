@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 
@@ -24,3 +25,21 @@ def toy():
     m = PipelineManager("builtin", device="cpu")
     m.pipe.set_progress_bar_config(disable=True)
     return m
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(manager):
+    """The app on a free loopback port over a fresh manager, and a gradio_client for it."""
+    from gradio_client import Client
+
+    from components.app import launch
+
+    demo = launch(manager, port=free_port(), block=False)
+    yield manager, Client(demo.local_url, verbose=False)
+    demo.close()

@@ -1,26 +1,9 @@
 """The app on localhost, driven through gradio_client: generate, apply, undo, compare, errors."""
-import socket
-
 import pytest
-from gradio_client import Client
 
-from components.app import launch
 from components.history_panel import history_view
 
 SETTINGS = ["a red circle", "", "1", 4, 7.5, 64, 64, 2, "DPM++ 2M"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def served(manager):
-    demo = launch(manager, port=free_port(), block=False)
-    yield manager, Client(demo.local_url, verbose=False)
-    demo.close()
 
 
 def test_app_serves_on_loopback_and_answers_generate_apply_undo(served):
