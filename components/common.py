@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import queue
 import threading
 
@@ -13,6 +14,29 @@ from studio.errors import JobStopped, StudioError
 
 # Every event that touches the model joins this group: one GPU job at a time, app-wide.
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)
+
+
+def _check_finite(component, payload) -> None:
+    if isinstance(payload, float) and not math.isfinite(payload):
+        raise gr.Error(f"{component.label or 'A number'}: got {payload}; enter a finite number", print_exception=False)
+
+
+class Number(gr.Number):
+    """gr.Number that names itself when sent NaN or infinity (a script can send them; a page cannot)."""
+    is_template = True  # rendered as a plain gr.Number
+
+    def preprocess(self, payload):
+        _check_finite(self, payload)
+        return super().preprocess(payload)
+
+
+class Slider(gr.Slider):
+    """gr.Slider that names itself when sent NaN or infinity."""
+    is_template = True
+
+    def preprocess(self, payload):
+        _check_finite(self, payload)
+        return super().preprocess(payload)
 
 
 def user_errors(fn):

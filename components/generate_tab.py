@@ -9,7 +9,7 @@ from studio.generation import MAX_BATCH, MAX_STEPS, SAMPLERS, GenerationRequest
 from studio.layer_scale import scale_edit
 from studio.manager import PipelineManager
 
-from .common import GPU, progress_reporter, user_errors
+from .common import GPU, Number, progress_reporter, Slider, user_errors
 
 LAYER_PATTERNS = [r"attn2\.to_v\.weight", r"attn2\.to_k\.weight", r"unet\.mid_block\..*attn2", r"text_encoder\..*layers\.2\."]
 
@@ -24,7 +24,8 @@ def generate(manager: PipelineManager, *settings, progress=None):
     for w in result.warnings:
         gr.Warning(w)
     gallery = [(im, f"seed {s}") for im, s in zip(result.images, result.seeds)]
-    return gallery, f"{len(result.images)} image(s) in {result.seconds:.2f} s · seeds {', '.join(map(str, result.seeds))}"
+    status = f"{len(result.images)} image(s) in {result.seconds:.2f} s · seeds {', '.join(map(str, result.seeds))}"
+    return gallery, "\n\n".join([status] + [f"⚠ {w}" for w in result.warnings])
 
 
 def apply_scale(manager: PipelineManager, pattern: str, factor: float) -> str:
@@ -40,14 +41,14 @@ def build(manager: PipelineManager) -> SimpleNamespace:
             negative = gr.Textbox(label="Negative prompt", lines=1)
             with gr.Row():
                 seed = gr.Textbox(label="Seed (-1: random)", value="0", max_lines=1)
-                batch = gr.Slider(1, MAX_BATCH, value=4, step=1, label="Batch")
+                batch = Slider(1, MAX_BATCH, value=4, step=1, label="Batch")
             with gr.Accordion("Settings", open=False):
                 sampler = gr.Dropdown(list(SAMPLERS), value="DPM++ 2M", label="Sampler")
-                steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
-                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
+                steps = Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+                guidance = Slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
                 with gr.Row():
-                    width = gr.Number(label="Width", value=size, precision=0)
-                    height = gr.Number(label="Height", value=size, precision=0)
+                    width = Number(label="Width", value=size, precision=0)
+                    height = Number(label="Height", value=size, precision=0)
             with gr.Row():
                 run = gr.Button("Generate", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
@@ -59,7 +60,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                     "It lands in the History panel like any other edit.")
         with gr.Row():
             pattern = gr.Dropdown(LAYER_PATTERNS, value=LAYER_PATTERNS[0], allow_custom_value=True, label="Parameter pattern")
-            factor = gr.Slider(-2, 2, value=0.0, step=0.05, label="Factor")
+            factor = Slider(-2, 2, value=0.0, step=0.05, label="Factor")
             apply = gr.Button("Apply edit")
         edit_status = gr.Markdown()
 

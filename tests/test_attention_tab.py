@@ -1,9 +1,9 @@
 """The Attention tab's handlers (no browser), the tab served through gradio_client, and the CLI."""
 import json
-import socket
 
 import gradio as gr
 import pytest
+from conftest import free_port
 from gradio_client import Client
 from PIL import Image
 
@@ -50,12 +50,6 @@ def test_handlers_run_render_click_components_export(manager):
         tab.render(cache, None, None, *VIEW)
     with pytest.raises(StudioError, match="no image: upload one first"):
         tab.run(manager, cache, tab.MODES[1], *RUN[1:])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tab_served_runs_and_exports_and_reports_bad_words(manager):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import StudioError
 from ..generation import GenerationRequest
 from .control import AttentionGuidance, Control
 from .result import AttentionResult, from_session
@@ -28,6 +29,8 @@ def generate_with_maps(manager, request: GenerationRequest, options: CaptureOpti
     options = options or CaptureOptions()
     pipe = manager.pipe
     r = request.validated(pipe)
+    if not r.prompt.strip():
+        raise StudioError("type a prompt: the maps show where each of its words attends")
     negative = bool(r.negative_prompt) if options.negative is None else options.negative
     self_step = r.steps // 2 if options.self_step is None else int(options.self_step)
     plugins = control.plugins(pipe.tokenizer, r.prompt, manager.check_stop) if control and control.active else []

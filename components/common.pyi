@@ -1,0 +1,137 @@
+"""What every tab shares: the GPU concurrency group and turning engine errors into UI messages."""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import queue
+import threading
+
+import gradio as gr
+import numpy as np
+
+from studio.errors import JobStopped, StudioError
+
+# Every event that touches the model joins this group: one GPU job at a time, app-wide.
+GPU = dict(concurrency_id="gpu", concurrency_limit=1)
+
+
+def _check_finite(component, payload) -> None:
+    if isinstance(payload, float) and not math.isfinite(payload):
+        raise gr.Error(f"{component.label or 'A number'}: got {payload}; enter a finite number", print_exception=False)
+
+from gradio.events import Dependency
+
+class Number(gr.Number):
+    """gr.Number that names itself when sent NaN or infinity (a script can send them; a page cannot)."""
+    is_template = True  # rendered as a plain gr.Number
+
+    def preprocess(self, payload):
+        _check_finite(self, payload)
+        return super().preprocess(payload)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class Slider(gr.Slider):
+    """gr.Slider that names itself when sent NaN or infinity."""
+    is_template = True
+
+    def preprocess(self, payload):
+        _check_finite(self, payload)
+        return super().preprocess(payload)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def user_errors(fn):
+    """Show StudioError as a red toast (nothing changed); a stopped job as a notice."""
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except StudioError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+            except JobStopped:
+                gr.Info("Stopped. The model and its history are unchanged.")
+        return streaming
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StudioError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except JobStopped:
+            gr.Info("Stopped. The model and its history are unchanged.")
+            return gr.skip()
+
+    return wrapper
+
+
+def progress_reporter(progress: gr.Progress, desc: str):
+    return lambda done, total: progress((done, total), desc=desc)
+
+
+def stream_job(job, progress: gr.Progress | None = None, desc: str = "working"):
+    """Run `job(preview, tick)` in a thread; yield (latest previews, None) as they come, then (previews, result).
+
+    The job calls preview(images) to show intermediate images and tick(done, total) for progress;
+    both are relayed from this (the event's) thread, so Gradio sees them. Errors re-raise here.
+    """
+    updates: queue.Queue = queue.Queue()
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = job(lambda images: updates.put(("preview", list(images))),
+                                    lambda done, total: updates.put(("tick", (done, total))))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the event's thread
+            outcome["error"] = exc
+        updates.put(("done", None))
+
+    threading.Thread(target=run, daemon=True).start()
+    previews: list = []
+    while True:
+        kind, value = updates.get()
+        if kind == "preview":
+            previews = value
+            yield previews, None
+        elif kind == "tick" and progress is not None:
+            progress(value, desc=desc)
+        elif kind == "done":
+            break
+    if "error" in outcome:
+        raise outcome["error"]
+    yield previews, outcome["result"]
+
+
+# Painting masks on a canvas: brush colour i paints mask i (regions, extraction masks).
+PAINT_COLOURS = ("#e02020", "#2050e0", "#20a040")
+PAINT_NAMES = ("red", "blue", "green")
+
+
+def blank_canvas(size: int = 256, background=None) -> dict:
+    bg = np.full((size, size, 3), 255, np.uint8) if background is None else background
+    return {"background": bg, "layers": [], "composite": None}
+
+
+def painted_masks(drawing, count: int) -> list[np.ndarray]:
+    """One boolean mask per brush colour (the first `count` of PAINT_COLOURS) from an ImageEditor value."""
+    drawing = drawing or {}
+    layer = next((np.asarray(x) for x in drawing.get("layers") or [] if x is not None and np.asarray(x).ndim == 3),
+                 None)
+    if layer is None or layer.shape[-1] != 4 or not layer[..., 3].any():
+        raise StudioError("draw the masks first: paint each concept's area in its colour")
+    rgb = layer[..., :3].astype(int)
+    refs = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in PAINT_COLOURS])
+    nearest = np.abs(rgb[..., None, :] - refs).sum(-1).argmin(-1)
+    return [(layer[..., 3] > 0) & (nearest == i) for i in range(count)]
