@@ -32,7 +32,7 @@ from studio.attention.view import View, render_view
 from studio.generation import MAX_STEPS, SAMPLERS, GenerationRequest
 from studio.manager import PipelineManager
 
-from .common import GPU, Number, progress_reporter, Slider, user_errors
+from .common import GPU, number, progress_reporter, slider, user_errors
 
 DISPLAY = 256
 MODES = ("Generate", "Analyse an image")
@@ -151,7 +151,7 @@ def after_run(cache: ResultCache, key):
     last = max(result.steps - 1, 0)
     heads = ["mean"] + [str(i) for i in range(result.heads or 0)]
     res = [str(r) for r in result.resolutions()]
-    return (Slider(maximum=last, value=0), Slider(maximum=last, value=last), Slider(maximum=last, value=-1),
+    return (slider(maximum=last, value=0), slider(maximum=last, value=last), slider(maximum=last, value=-1),
             gr.CheckboxGroup(choices=res, value=res), gr.Dropdown(choices=heads, value="mean"),
             display_image(cache, key), None)
 
@@ -169,26 +169,26 @@ def build(manager: PipelineManager) -> SimpleNamespace:
             negative = gr.Textbox(label="Negative prompt (its maps: 'Branch: negative')", lines=1)
             with gr.Row():
                 seed = gr.Textbox(label="Seed (-1: random)", value="0", max_lines=1)
-                steps = Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+                steps = slider(1, MAX_STEPS, value=20, step=1, label="Steps")
             with gr.Group(visible=False) as image_box:
                 upload = gr.Image(label="Image to analyse", type="filepath", sources=["upload", "clipboard"])
                 with gr.Row():
-                    timestep = Slider(0, pipe.scheduler.config.num_train_timesteps - 1, value=DEFAULT_TIMESTEP,
+                    timestep = slider(0, pipe.scheduler.config.num_train_timesteps - 1, value=DEFAULT_TIMESTEP,
                                          step=1, label="Noise it to timestep t")
-                    repeats = Slider(1, 16, value=4, step=1, label="Noise draws (averaged)")
+                    repeats = slider(1, 16, value=4, step=1, label="Noise draws (averaged)")
             with gr.Accordion("Capture and sampling", open=False):
                 per_step = gr.Checkbox(value=True, label="Keep every step (step range and scrubber)")
                 heads = gr.Checkbox(value=False, label="Keep heads (one-head views)")
-                self_step = Number(value=-1, precision=0, label="Self-attention step (-1: the middle step)")
-                guidance = Slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
+                self_step = number(value=-1, precision=0, label="Self-attention step (-1: the middle step)")
+                guidance = slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
                 sampler = gr.Dropdown(list(SAMPLERS), value="DPM++ 2M", label="Sampler")
             with gr.Accordion("Attention control: when a concept goes missing", open=False):
                 method = gr.Radio(["none", "attend-excite", "a-star"], value="none", label="Guidance")
                 subjects = gr.Textbox(label="Subject words (comma-separated)", value="circle, square")
                 with gr.Row():
-                    scale_factor = Number(value=default_scale_factor(pipe.unet.config.sample_size),
+                    scale_factor = number(value=default_scale_factor(pipe.unet.config.sample_size),
                                              label="Scale factor (published: 20)")
-                    max_iter = Number(value=25, precision=0, label="Steps to alter (of 50)")
+                    max_iter = number(value=25, precision=0, label="Steps to alter (of 50)")
                     resolution = gr.Dropdown(res_choices, value=str(default_resolution(resolutions)),
                                              label="Map resolution")
                 thresholds = gr.Textbox(value="0:0.05, 10:0.5, 20:0.8",
@@ -214,14 +214,14 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                 res_box = gr.CheckboxGroup(res_choices, value=res_choices, label="Resolutions")
                 blocks = gr.CheckboxGroup(list(BLOCKS), value=list(BLOCKS), label="Blocks")
             with gr.Row():
-                step_from = Slider(0, 19, value=0, step=1, label="From step")
-                step_to = Slider(0, 19, value=19, step=1, label="To step")
-                scrub = Slider(-1, 19, value=-1, step=1, label="Scrub one step (-1: the range)")
+                step_from = slider(0, 19, value=0, step=1, label="From step")
+                step_to = slider(0, 19, value=19, step=1, label="To step")
+                scrub = slider(-1, 19, value=-1, step=1, label="Scrub one step (-1: the range)")
             with gr.Row():
                 cmap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colormap")
-                alpha = Slider(0, 1, value=0.5, step=0.05, label="Alpha")
+                alpha = slider(0, 1, value=0.5, step=0.05, label="Alpha")
                 normalization = gr.Radio(list(NORMALIZATIONS), value="word", label="Normalize")
-                tau = Slider(0, 1, value=0.4, step=0.05, label="Threshold τ")
+                tau = slider(0, 1, value=0.4, step=0.05, label="Threshold τ")
                 outline = gr.Checkbox(value=False, label="Outline mask ≥ τ")
             gallery = gr.Gallery(label="Word maps", columns=4, height="auto", object_fit="contain", format="png")
             base_gallery = gr.Gallery(label="Without control (same seed)", columns=4, height="auto",
@@ -230,7 +230,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                                  label="Per word: peak probability, area ≥ τ of its peak, step-to-step retention, "
                                        "overlap with other words (A-STAR's segregation measure)")
             with gr.Accordion("Self-attention components (prompt-to-prompt)", open=False):
-                n_comps = Slider(1, 12, value=6, step=1, label="Components")
+                n_comps = slider(1, 12, value=6, step=1, label="Components")
                 comps_btn = gr.Button("Show components", size="sm")
                 comps = gr.Gallery(columns=6, height="auto", format="png")
             with gr.Accordion("Export", open=False):

@@ -16,27 +16,26 @@ from studio.errors import JobStopped, StudioError
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)
 
 
-def _check_finite(component, payload) -> None:
-    if isinstance(payload, float) and not math.isfinite(payload):
-        raise gr.Error(f"{component.label or 'A number'}: got {payload}; enter a finite number", print_exception=False)
+def finite_only(component):
+    """Make a Number or Slider answer NaN or infinity (a script can send them; a page cannot) with a
+    message naming the field, before Gradio's own conversion fails with a cryptic one."""
+    plain = component.preprocess
+
+    def preprocess(payload):
+        if isinstance(payload, float) and not math.isfinite(payload):
+            raise gr.Error(f"{component.label or 'A number'}: got {payload}; enter a finite number", print_exception=False)
+        return plain(payload)
+
+    component.preprocess = preprocess
+    return component
 
 
-class Number(gr.Number):
-    """gr.Number that names itself when sent NaN or infinity (a script can send them; a page cannot)."""
-    is_template = True  # rendered as a plain gr.Number
-
-    def preprocess(self, payload):
-        _check_finite(self, payload)
-        return super().preprocess(payload)
+def number(*args, **kwargs) -> gr.Number:
+    return finite_only(gr.Number(*args, **kwargs))
 
 
-class Slider(gr.Slider):
-    """gr.Slider that names itself when sent NaN or infinity."""
-    is_template = True
-
-    def preprocess(self, payload):
-        _check_finite(self, payload)
-        return super().preprocess(payload)
+def slider(*args, **kwargs) -> gr.Slider:
+    return finite_only(gr.Slider(*args, **kwargs))
 
 
 def user_errors(fn):

@@ -17,7 +17,7 @@ from studio.customize.train import DEFAULTS, LORA_TARGETS, METHODS, train_concep
 from studio.errors import StudioError
 from studio.manager import PipelineManager
 
-from .common import (GPU, PAINT_COLOURS, PAINT_NAMES, Number, Slider, blank_canvas, painted_masks, stream_job,
+from .common import (GPU, PAINT_COLOURS, PAINT_NAMES, blank_canvas, number, painted_masks, slider, stream_job,
                      user_errors)
 
 METHOD_KEYS = {title: key for key, title in METHODS.items()}
@@ -85,26 +85,26 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                 gr.Markdown("Blank learning rate and steps use the published defaults for this model size: " +
                             "; ".join(f"{METHODS[k]}: lr {v['lr']:g}, {v['steps']} steps" for k, v in DEFAULTS.items()))
                 with gr.Row():
-                    steps = Number(label="Steps (blank: default)", precision=0, value=None)
-                    lr = Number(label="Learning rate (blank: default)", value=None)
-                    token_lr = Number(label="Token learning rate (blank: default)", value=None)
+                    steps = number(label="Steps (blank: default)", precision=0, value=None)
+                    lr = number(label="Learning rate (blank: default)", value=None)
+                    token_lr = number(label="Token learning rate (blank: default)", value=None)
                 with gr.Row():
-                    batch = Slider(1, 16, value=4, step=1, label="Batch")
-                    rank = Slider(1, 64, value=4, step=1, label="LoRA rank")
-                    vectors = Slider(1, 8, value=1, step=1, label="Vectors per token")
+                    batch = slider(1, 16, value=4, step=1, label="Batch")
+                    rank = slider(1, 64, value=4, step=1, label="LoRA rank")
+                    vectors = slider(1, 8, value=1, step=1, label="Vectors per token")
                 targets = gr.Dropdown(list(LORA_TARGETS), value="attention+ff" if toy else "attention",
                                       label="LoRA on")
                 cross_init = gr.Checkbox(value=True, label="Cross initialization (start from the class word's "
                                                            "text-encoder output)")
-                semantic = Slider(0, 1, value=0.0, step=0.01, label="Semantic preservation weight "
+                semantic = slider(0, 1, value=0.0, step=0.01, label="Semantic preservation weight "
                                                                          "(ClassDiffusion; needs a class word)")
-                prior = Slider(0, 2, value=1.0 if toy else 0.0, step=0.1,
+                prior = slider(0, 2, value=1.0 if toy else 0.0, step=0.1,
                                   label="Prior preservation weight (images the model draws now, kept while it learns)")
                 prior_prompts = gr.Textbox(label="Prior prompts, one per line (blank: 'a <class word>')", lines=2,
                                            value="\n".join(library.toy_prior_prompts()) if toy else "")
                 checkpointing = gr.Checkbox(value=False, label="Gradient checkpointing (less memory, slower)")
                 with gr.Row():
-                    preview_every = Slider(10, 500, value=100, step=10, label="Preview every N steps")
+                    preview_every = slider(10, 500, value=100, step=10, label="Preview every N steps")
                     resume = gr.Checkbox(value=False, label="Resume this token's last saved state")
                 preview_prompts = gr.Textbox(label="Preview prompts ('{}' is the token), one per line",
                                              value="a {}\na red {}" if toy else "a photo of {}", lines=2)
@@ -115,7 +115,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
             concepts = gr.Dropdown(choices=concept_choices(manager), multiselect=True, label="Learned concepts")
             refresh = gr.Button("↻ Refresh list", size="sm")
             with gr.Row():
-                strength = Slider(-1, 2, value=1.0, step=0.05, label="Strength")
+                strength = slider(-1, 2, value=1.0, step=0.05, label="Strength")
                 set_strength = gr.Button("Set strength", size="sm")
             how = gr.Radio(["Closed-form merge (K/V)", "Weighted adapters (unfused)"],
                            value="Closed-form merge (K/V)", label="Compose the selected concepts by")
@@ -125,7 +125,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                 formats = gr.CheckboxGroup(["embedding", "lora", "custom_diffusion"], value=["embedding", "lora"],
                                            label="Export the selected concept as (A1111/ComfyUI embedding, kohya "
                                                  "LoRA, diffusers Custom Diffusion)")
-                export_rank = Slider(1, 128, value=16, step=1, label="LoRA rank for full changes")
+                export_rank = slider(1, 128, value=16, step=1, label="LoRA rank for full changes")
                 export_btn = gr.Button("Export", size="sm")
                 exported = gr.File(label="Exported files", file_count="multiple", interactive=False)
                 imports = gr.File(label="Import: embedding / kohya LoRA / Custom Diffusion files (.safetensors)",

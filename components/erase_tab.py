@@ -18,7 +18,7 @@ from studio.lora_export import export_lora, export_pipeline
 from studio.manager import PipelineManager
 from studio.toyworld import concepts as toy_concepts
 
-from .common import GPU, Number, progress_reporter, Slider, stream_job, user_errors
+from .common import GPU, number, progress_reporter, slider, stream_job, user_errors
 
 METHODS = ["Closed form (UCE)", "Inference guard (SAFREE-like)", "Fine-tuned LoRA (ESD)"]
 GUARD_NOTE = ("The guard changes no weights: it cleans prompt embeddings at generation time, switches on and off "
@@ -91,35 +91,35 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                 templates = gr.Dropdown(["toy", "object", "style", "none"], value="toy" if toy else "object",
                                         label="Prompt templates")
                 tokens = gr.Radio(["to_end", "word"], value=CF["tokens"], label="Token vectors")
-                lam = Slider(0.01, 5, value=CF["lam"], label="λ (keep the original)")
-                erase_scale = Slider(0, 5, value=CF["erase_scale"], label="Erase scale")
-                preserve_scale = Slider(0, 5, value=CF["preserve_scale"], label="Preserve scale")
-                rece_rounds = Slider(0, 3, value=0, step=1, label="RECE hardening rounds")
-                rece_lambda = Number(value=CF["rece_lambda"], label="RECE λ (1e-3 styles/objects, 0.1 nudity)")
-                neighbours = Slider(0, 16, value=0, step=1, label="RealEra neighbour samples per vector (experimental: undid the erasure on the toy model)")
+                lam = slider(0.01, 5, value=CF["lam"], label="λ (keep the original)")
+                erase_scale = slider(0, 5, value=CF["erase_scale"], label="Erase scale")
+                preserve_scale = slider(0, 5, value=CF["preserve_scale"], label="Preserve scale")
+                rece_rounds = slider(0, 3, value=0, step=1, label="RECE hardening rounds")
+                rece_lambda = number(value=CF["rece_lambda"], label="RECE λ (1e-3 styles/objects, 0.1 nudity)")
+                neighbours = slider(0, 16, value=0, step=1, label="RealEra neighbour samples per vector (experimental: undid the erasure on the toy model)")
             with gr.Accordion("Guard settings", open=False):
                 gr.Markdown(GUARD_NOTE)
-                threshold = Slider(0.3, 1.5, value=GUARD["threshold"], label="Trigger threshold (× the concept word's own score)")
+                threshold = slider(0.3, 1.5, value=GUARD["threshold"], label="Trigger threshold (× the concept word's own score)")
             with gr.Accordion("Fine-tuning settings", open=False):
                 esd_method = gr.Radio(list(esd.METHODS), value="esd-x", label="Objective",
                                       info="; ".join(f"{k}: {v}" for k, v in esd.METHODS.items()))
-                rank = Slider(1, esd.MAX_RANK, value=2, step=1, label="LoRA rank")
-                steps = Slider(10, 1000, value=200, step=10, label="Steps")
-                lr = Number(value=esd.suggested_lr(manager.pipe),
+                rank = slider(1, esd.MAX_RANK, value=2, step=1, label="LoRA rank")
+                steps = slider(10, 1000, value=200, step=10, label="Steps")
+                lr = number(value=esd.suggested_lr(manager.pipe),
                                label=f"Learning rate (LoRA; published full-weight ESD: {esd.PUBLISHED_LR})")
-                eta = Slider(0, 5, value=2.0, label="η (negative guidance)")
-                strength = Slider(0, 2, value=1.0, step=0.05, label="Adapter strength")
+                eta = slider(0, 5, value=2.0, label="η (negative guidance)")
+                strength = slider(0, 2, value=1.0, step=0.05, label="Adapter strength")
                 captions = gr.Textbox(label="Training captions with the concept (one per line, optional)", lines=3,
                                       placeholder="the toy world fills these in: a red circle, a red square, …")
             with gr.Row():
                 run = gr.Button("Erase", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
             with gr.Row():
-                seeds = Slider(1, 8, value=4, step=1, label="Report seeds")
+                seeds = slider(1, 8, value=4, step=1, label="Report seeds")
                 rerun = gr.Button("Report on the latest edit")
             with gr.Accordion("Export", open=False):
                 what = gr.Radio(["LoRA (kohya keys)", "Full pipeline"], value="LoRA (kohya keys)", label="Export")
-                export_rank = Slider(1, 128, value=4, step=1, label="LoRA rank")
+                export_rank = slider(1, 128, value=4, step=1, label="LoRA rank")
                 export_btn = gr.Button("Export")
                 export_file = gr.File(label="Download")
                 export_status = gr.Markdown()

@@ -15,7 +15,7 @@ from studio.extract.evaluate import evaluate_extraction, table
 from studio.extract.localize import check_masks, find_concepts, fit_mask, prepare_image
 from studio.manager import PipelineManager
 
-from .common import (GPU, PAINT_COLOURS, PAINT_NAMES, Number, Slider, blank_canvas, painted_masks, stream_job,
+from .common import (GPU, PAINT_COLOURS, PAINT_NAMES, blank_canvas, number, painted_masks, slider, stream_job,
                      user_errors)
 
 MASK_LABELS = [f"mask {i + 1} ({n})" for i, n in enumerate(PAINT_NAMES)]
@@ -85,7 +85,7 @@ def build(manager: PipelineManager, sam=None) -> SimpleNamespace:
                 toy_scene = gr.Button("Use a toy-world scene (red heart + yellow triangle)", size="sm")
             with gr.Row():
                 find = gr.Button("Find concepts (from the model's self-attention)")
-                count = Slider(0, 3, value=0, step=1, label="How many (0: automatic)")
+                count = slider(0, 3, value=0, step=1, label="How many (0: automatic)")
             with gr.Accordion("Segment Anything: click objects", open=sam is not None):
                 gr.Markdown("Clicks add points to the chosen mask; **Segment** turns them into masks." if sam else
                             "No SAM checkpoint: start the studio with `--sam-checkpoint sam_vit_b_01ec64.pth` "
@@ -103,17 +103,17 @@ def build(manager: PipelineManager, sam=None) -> SimpleNamespace:
             tokens = gr.Textbox(label="One token per mask, comma-separated", value="<a>, <b>")
             with gr.Accordion("Training settings", open=False):
                 with gr.Row():
-                    steps_tokens = Number(label="Phase 1 steps (tokens)", precision=0,
+                    steps_tokens = number(label="Phase 1 steps (tokens)", precision=0,
                                              value=DEFAULTS["toy_steps_tokens" if toy else "steps_tokens"])
-                    steps_joint = Number(label="Phase 2 steps (tokens + LoRA)", precision=0,
+                    steps_joint = number(label="Phase 2 steps (tokens + LoRA)", precision=0,
                                             value=DEFAULTS["toy_steps_joint" if toy else "steps_joint"])
                 with gr.Row():
-                    lr_tokens = Number(label="Phase 1 lr (blank: default)", value=None)
-                    lr_joint = Number(label="Phase 2 lr (blank: default)", value=None)
-                rank = Slider(1, 64, value=4, step=1, label="LoRA rank")
-                attention_weight = Number(label="Cross-attention loss weight", value=DEFAULTS["attention_weight"])
+                    lr_tokens = number(label="Phase 1 lr (blank: default)", value=None)
+                    lr_joint = number(label="Phase 2 lr (blank: default)", value=None)
+                rank = slider(1, 64, value=4, step=1, label="LoRA rank")
+                attention_weight = number(label="Cross-attention loss weight", value=DEFAULTS["attention_weight"])
                 background = gr.Checkbox(value=True, label="Also learn the background (pixels no mask claims)")
-                preview_every = Slider(10, 500, value=100, step=10, label="Preview every N steps")
+                preview_every = slider(10, 500, value=100, step=10, label="Preview every N steps")
             with gr.Row():
                 run = gr.Button("Extract", variant="primary")
                 stop = gr.Button("Stop", variant="stop")

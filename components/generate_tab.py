@@ -9,7 +9,7 @@ from studio.generation import MAX_BATCH, MAX_STEPS, SAMPLERS, GenerationRequest
 from studio.layer_scale import scale_edit
 from studio.manager import PipelineManager
 
-from .common import GPU, Number, progress_reporter, Slider, user_errors
+from .common import GPU, number, progress_reporter, slider, user_errors
 
 LAYER_PATTERNS = [r"attn2\.to_v\.weight", r"attn2\.to_k\.weight", r"unet\.mid_block\..*attn2", r"text_encoder\..*layers\.2\."]
 
@@ -41,14 +41,14 @@ def build(manager: PipelineManager) -> SimpleNamespace:
             negative = gr.Textbox(label="Negative prompt", lines=1)
             with gr.Row():
                 seed = gr.Textbox(label="Seed (-1: random)", value="0", max_lines=1)
-                batch = Slider(1, MAX_BATCH, value=4, step=1, label="Batch")
+                batch = slider(1, MAX_BATCH, value=4, step=1, label="Batch")
             with gr.Accordion("Settings", open=False):
                 sampler = gr.Dropdown(list(SAMPLERS), value="DPM++ 2M", label="Sampler")
-                steps = Slider(1, MAX_STEPS, value=20, step=1, label="Steps")
-                guidance = Slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
+                steps = slider(1, MAX_STEPS, value=20, step=1, label="Steps")
+                guidance = slider(0, 20, value=7.5, step=0.5, label="Guidance scale")
                 with gr.Row():
-                    width = Number(label="Width", value=size, precision=0)
-                    height = Number(label="Height", value=size, precision=0)
+                    width = number(label="Width", value=size, precision=0)
+                    height = number(label="Height", value=size, precision=0)
             with gr.Row():
                 run = gr.Button("Generate", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
@@ -60,7 +60,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                     "It lands in the History panel like any other edit.")
         with gr.Row():
             pattern = gr.Dropdown(LAYER_PATTERNS, value=LAYER_PATTERNS[0], allow_custom_value=True, label="Parameter pattern")
-            factor = Slider(-2, 2, value=0.0, step=0.05, label="Factor")
+            factor = slider(-2, 2, value=0.0, step=0.05, label="Factor")
             apply = gr.Button("Apply edit")
         edit_status = gr.Markdown()
 

@@ -9,7 +9,7 @@ import gradio as gr
 
 from studio.manager import PipelineManager
 
-from .common import GPU, Number, progress_reporter, user_errors
+from .common import GPU, number, progress_reporter, user_errors
 from .generate_tab import request_from
 
 COLUMNS = ["#", "edit", "kind", "parameters", "applied"]
@@ -62,14 +62,14 @@ def build(manager: PipelineManager, settings: list) -> SimpleNamespace:
         redo_btn = gr.Button("↷ Redo", size="sm")
         reset_btn = gr.Button("Reset to original", size="sm", variant="stop")
     with gr.Row():
-        toggle_index = Number(label="Edit #", precision=0, value=1, minimum=1, scale=1)
+        toggle_index = number(label="Edit #", precision=0, value=1, minimum=1, scale=1)
         toggle_btn = gr.Button("Switch on / off", size="sm", scale=2)
     with gr.Accordion("Save / load edits", open=False):
         save_btn = gr.Button("Save applied edits", size="sm")
         saved = gr.File(label="Edit file", interactive=False)
         upload = gr.File(label="Load an edit file", file_types=[".safetensors"], type="filepath")
     with gr.Accordion("Before / after (same seed)", open=True):
-        index = Number(label="Edit # (0: the latest applied)", precision=0, value=0, minimum=0)
+        index = number(label="Edit # (0: the latest applied)", precision=0, value=0, minimum=0)
         compare_btn = gr.Button("Compare", size="sm")
         slider = gr.ImageSlider(label="before ↔ after", type="pil")
 
