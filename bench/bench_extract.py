@@ -36,17 +36,23 @@ def main() -> None:
     ap.add_argument("--masks", choices=["generator", "found"], default="generator")
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--isolate", type=int, default=1, help="1: isolated pictures per subset (default), 0: off")
+    ap.add_argument("--steps-tokens", type=int, default=None, help="phase 1 steps (default: the toy default)")
+    ap.add_argument("--steps-joint", type=int, default=None, help="phase 2 steps (default: the toy default)")
+    ap.add_argument("--attention-weight", type=float, default=None, help="cross-attention loss weight")
     ap.add_argument("--out", default="bench/results/extract.json")
     args = ap.parse_args()
     manager = PipelineManager("builtin")
     results = {"model": manager.describe(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "scenes": {}}
     print(f"{'scene':<44}{'token':<7}{'shape':>7}{'colour':>8}{'ACC@1':>7}{'scene':>7}{'train s':>9}")
+    settings = {k: v for k, v in dict(steps_tokens=args.steps_tokens, steps_joint=args.steps_joint,
+                                      attention_weight=args.attention_weight).items() if v is not None}
+    results["settings"] = settings
     for seed in args.scenes:
         scene = make_scene(seed, n_objects=2, held_out=True)
         masks = [o.mask for o in scene.objects] if args.masks == "generator" else find_concepts(manager, scene.image)
         start = time.perf_counter()
         edit = extract_concepts(manager, TrainingImage(to_tensor(Image.fromarray(scene.image))), masks,
-                                ["<a>", "<b>"], isolate=bool(args.isolate))
+                                ["<a>", "<b>"], isolate=bool(args.isolate), **settings)
         seconds = time.perf_counter() - start
         manager.apply(edit)
         concepts = [(o.shape, o.colour) for o in scene.objects]

@@ -111,7 +111,8 @@ def build(manager: PipelineManager, sam=None) -> SimpleNamespace:
                     lr_tokens = number(label="Phase 1 lr (blank: default)", value=None)
                     lr_joint = number(label="Phase 2 lr (blank: default)", value=None)
                 rank = slider(1, 64, value=4, step=1, label="LoRA rank")
-                attention_weight = number(label="Cross-attention loss weight", value=DEFAULTS["attention_weight"])
+                attention_weight = number(label="Cross-attention loss weight",
+                                          value=DEFAULTS["toy_attention_weight" if toy else "attention_weight"])
                 background = gr.Checkbox(value=True, label="Also learn the background (pixels no mask claims)")
                 preview_every = slider(10, 500, value=100, step=10, label="Preview every N steps")
             with gr.Row():
