@@ -66,6 +66,20 @@ def load_image(image) -> Image.Image:
     return image.convert("RGB")
 
 
+def noising(pipe, timestep, repeats) -> tuple[int, int]:
+    """The checked (timestep, repeats) of a noise-the-image-and-look pass."""
+    try:
+        timestep, repeats = int(timestep), int(repeats)
+    except (TypeError, ValueError):
+        raise StudioError("timestep and repeats must be whole numbers") from None
+    limit = pipe.scheduler.config.num_train_timesteps
+    if not 0 <= timestep < limit:
+        raise StudioError(f"timestep must be from 0 to {limit - 1} (got {timestep})")
+    if not 1 <= repeats <= 16:
+        raise StudioError(f"repeats must be from 1 to 16 (got {repeats})")
+    return timestep, repeats
+
+
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     """Centre-crop to the model's aspect ratio, then resize to its size."""
     return ImageOps.fit(image, (width, height), Image.BICUBIC)
@@ -78,19 +92,10 @@ def image_maps(manager, image, prompt: str, timestep: int = DEFAULT_TIMESTEP, se
     prompt, negative = str(prompt or ""), str(negative or "")
     if not prompt.strip():
         raise StudioError("type a prompt that describes the image: its words get the maps")
-    try:
-        timestep = int(timestep)
-        repeats = int(repeats)
-    except (TypeError, ValueError):
-        raise StudioError("timestep and repeats must be whole numbers") from None
     seed = parse_seed(seed)
     with manager.job():
         pipe = manager.pipe
-        limit = pipe.scheduler.config.num_train_timesteps
-        if not 0 <= timestep < limit:
-            raise StudioError(f"timestep must be from 0 to {limit - 1} (got {timestep})")
-        if not 1 <= repeats <= 16:
-            raise StudioError(f"repeats must be from 1 to 16 (got {repeats})")
+        timestep, repeats = noising(pipe, timestep, repeats)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         shown = fit(image, size, size)
         start = time.perf_counter()

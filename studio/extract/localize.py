@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from ..attention.any_image import open_image
+from ..attention.any_image import noising, open_image
 from ..attention.tokens import sequence_length
 from ..errors import StudioError
 from ..generation import parse_seed
@@ -257,18 +257,10 @@ def attention_features(manager, picture: np.ndarray, *, timestep: int = DEFAULT_
     picture: the model's square input (from `prepare_image`). The prompt is empty by default (what
     the model does with no words); its last token is the end-of-text token whose map is `eot`.
     """
-    try:
-        timestep, repeats = int(timestep), int(repeats)
-    except (TypeError, ValueError):
-        raise StudioError("timestep and repeats must be whole numbers") from None
     seed = parse_seed(seed)
     with manager.job():
         pipe = manager.pipe
-        limit = pipe.scheduler.config.num_train_timesteps
-        if not 0 <= timestep < limit:
-            raise StudioError(f"timestep must be from 0 to {limit - 1} (got {timestep})")
-        if not 1 <= repeats <= 16:
-            raise StudioError(f"repeats must be from 1 to 16 (got {repeats})")
+        timestep, repeats = noising(pipe, timestep, repeats)
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         picture = np.asarray(picture)
         if picture.shape != (size, size, 3) or picture.dtype != np.uint8:
