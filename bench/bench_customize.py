@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from studio.customize.images import load_images  # noqa: E402
 from studio.customize.library import toy_examples  # noqa: E402
 from studio.customize.train import METHODS, train_concept  # noqa: E402
+from studio.edits import Edit  # noqa: E402
 from studio.generation import GenerationRequest  # noqa: E402
 from studio.manager import PipelineManager  # noqa: E402
 from studio.toyworld.scenes import COLOURS  # noqa: E402
@@ -146,7 +147,7 @@ def both_rate(manager, prompt: str, seeds: int) -> float:
 
 
 def quality(manager, seeds: int, steps: int, method: str, targets: str, prior_weight: float,
-            prior_images: int) -> dict:
+            prior_images: int, scope: str) -> dict:
     from studio.customize import compose
     from studio.customize.library import compose as compose_applied
     from studio.toyworld.evaluate import score, single_prompts
@@ -154,13 +155,22 @@ def quality(manager, seeds: int, steps: int, method: str, targets: str, prior_we
     from studio.customize.library import toy_prior_prompts
 
     kw = dict(method=method, steps=steps, lora_targets=targets, prior_weight=prior_weight, prior_images=prior_images,
-              prior_prompts=toy_prior_prompts())
+              prior_prompts=toy_prior_prompts(), scope=scope)
     out = {"settings": {k: v for k, v in kw.items() if k != "prior_prompts"}}
     before = score(manager, single_prompts(), seeds=max(1, seeds // 2))["single"].rates()
     heart, out["heart"] = teach(manager, "heart", "<heart>", seeds, **kw)
     cross, out["cross"] = teach(manager, "cross", "<cross>", seeds, **kw)
     during = score(manager, single_prompts(), seeds=max(1, seeds // 2))["single"].rates()
-    out["unrelated prompts (single objects)"] = {"before": before, "with both concepts": during}
+    out["unrelated prompts (single objects)"] = {"before": before, f"with both concepts (scope {scope})": during}
+    other = "always" if scope == "prompt" else "prompt"
+    for i in (heart, cross):
+        edit = manager.stack.entries[i - 1].edit
+        manager.replace(i, Edit(edit.kind, {**edit.params, "scope": other}, edit.tensors, edit.label))
+    out["unrelated prompts (single objects)"][f"with both concepts (scope {other})"] = score(
+        manager, single_prompts(), seeds=max(1, seeds // 2))["single"].rates()
+    for i in (heart, cross):
+        edit = manager.stack.entries[i - 1].edit
+        manager.replace(i, Edit(edit.kind, {**edit.params, "scope": scope}, edit.tensors, edit.label))
     print("unrelated", json.dumps(out["unrelated prompts (single objects)"]), flush=True)
 
     prompt = "a <heart> and a <cross>"
@@ -218,6 +228,7 @@ def main() -> None:
     ap.add_argument("--targets", default="attention+ff")
     ap.add_argument("--prior-weight", type=float, default=1.0, help="prior preservation on the known toy shapes")
     ap.add_argument("--prior-images", type=int, default=48)
+    ap.add_argument("--scope", default="prompt", help="where the concepts act: prompt (their token) or always")
     ap.add_argument("--out", default="bench/results/customize.json")
     args = ap.parse_args()
     if args.arch == "sd15":
@@ -235,7 +246,7 @@ def main() -> None:
         print(f"{k:<42}{v['steps_per_s']:>10.2f}{v['peak_mb']:>12.0f}")
     if args.quality:
         results["quality"] = quality(manager, args.seeds, args.train_steps, args.method, args.targets,
-                                     args.prior_weight, args.prior_images)
+                                     args.prior_weight, args.prior_images, args.scope)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

@@ -13,6 +13,7 @@ from PIL import Image
 from studio.customize import library
 from studio.customize.formats import export_concept, import_concept
 from studio.customize.images import load_images
+from studio.customize.scope import SCOPES
 from studio.customize.train import DEFAULTS, LORA_TARGETS, METHODS, train_concept
 from studio.errors import StudioError
 from studio.manager import PipelineManager
@@ -21,6 +22,7 @@ from .common import (GPU, PAINT_COLOURS, PAINT_NAMES, blank_canvas, number, pain
                      user_errors)
 
 METHOD_KEYS = {title: key for key, title in METHODS.items()}
+SCOPE_KEYS = {title: key for key, title in SCOPES.items()}
 
 
 def work_dir(token: str) -> Path:
@@ -30,7 +32,7 @@ def work_dir(token: str) -> Path:
 
 def train(manager: PipelineManager, files, token, class_word, method, steps, lr, token_lr, batch, rank, targets,
           vectors, cross_init, semantic, prior, prior_prompts, checkpointing, preview_every, preview_prompts, resume,
-          preview=None, progress=None) -> str:
+          scope, cut_mix, preview=None, progress=None) -> str:
     pipe = manager.pipe
     images, notes = load_images([getattr(f, "name", f) for f in files or []],
                                 pipe.unet.config.sample_size * pipe.vae_scale_factor)
@@ -45,12 +47,13 @@ def train(manager: PipelineManager, files, token, class_word, method, steps, lr,
         gradient_checkpointing=checkpointing, preview_every=preview_every,
         preview_prompts=[p.replace("{}", token) for p in prompts] or None,
         preview=(lambda step, shots: preview(shots)) if preview else None, progress=progress,
-        save_dir=work_dir(token), resume=bool(resume))
-    entry = manager.apply(edit)
+        save_dir=work_dir(token), resume=bool(resume), scope=SCOPE_KEYS.get(scope, scope), cut_mix=cut_mix)
+    manager.apply(edit)
     p = edit.params
     lines = [f"Learned **{token}** with {METHODS[p['method']]}: {p['steps']} steps in {p['train_seconds']:.0f} s, "
              f"final loss {p['final_loss']:.4f}. It is edit #{manager.stack.position} in the History "
-             f"({len(entry.patch.originals)} weights changed); use it in prompts as `a {token}`."]
+             f"({len(p['modules'])} weights changed, acting on {SCOPES[p['scope']]}); use it in prompts as "
+             f"`a {token}`."]
     return "\n\n".join(lines + [f"Note: {n}" for n in notes])
 
 
@@ -81,6 +84,8 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                 class_word = gr.Textbox(label="Class word (what it is)", value="" if toy else "",
                                         placeholder="cat, dog, painting…")
             method = gr.Radio(list(METHOD_KEYS), value=METHODS["lora"], label="Method")
+            scope = gr.Radio(list(SCOPE_KEYS), value=SCOPES["prompt"], label="The concept's weight changes act on "
+                             "(also for imports; in a region composition, only inside its region)")
             with gr.Accordion("Training settings", open=False):
                 gr.Markdown("Blank learning rate and steps use the published defaults for this model size: " +
                             "; ".join(f"{METHODS[k]}: lr {v['lr']:g}, {v['steps']} steps" for k, v in DEFAULTS.items()))
@@ -98,8 +103,11 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                                                            "text-encoder output)")
                 semantic = slider(0, 1, value=0.0, step=0.01, label="Semantic preservation weight "
                                                                          "(ClassDiffusion; needs a class word)")
-                prior = slider(0, 2, value=1.0 if toy else 0.0, step=0.1,
+                prior = slider(0, 2, value=0.0, step=0.1,
                                   label="Prior preservation weight (images the model draws now, kept while it learns)")
+                cut_mix = slider(0, 0.9, value=0.5 if toy else 0.0, step=0.05,
+                                 label="Cut-Mix: share of training pictures that pair a concept image with a prior "
+                                       "image, side by side ('<token> and <prior prompt>'), so it composes")
                 prior_prompts = gr.Textbox(label="Prior prompts, one per line (blank: 'a <class word>')", lines=2,
                                            value="\n".join(library.toy_prior_prompts()) if toy else "")
                 checkpointing = gr.Checkbox(value=False, label="Gradient checkpointing (less memory, slower)")
@@ -117,6 +125,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
             with gr.Row():
                 strength = slider(-1, 2, value=1.0, step=0.05, label="Strength")
                 set_strength = gr.Button("Set strength", size="sm")
+                set_scope = gr.Button("Set scope (above)", size="sm")
             how = gr.Radio(["Closed-form merge (K/V)", "Weighted adapters (unfused)"],
                            value="Closed-form merge (K/V)", label="Compose the selected concepts by")
             weights = gr.Textbox(label="Adapter weights, comma-separated (default 1 each)", value="")
@@ -148,7 +157,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
             previews = gr.Gallery(label="Previews during training", columns=4, height="auto", format="png")
 
     settings = [files, token, class_word, method, steps, lr, token_lr, batch, rank, targets, vectors, cross_init,
-                semantic, prior, prior_prompts, checkpointing, preview_every, preview_prompts, resume]
+                semantic, prior, prior_prompts, checkpointing, preview_every, preview_prompts, resume, scope, cut_mix]
 
     @user_errors
     def on_train(*values, progress=gr.Progress()):
@@ -165,6 +174,13 @@ def build(manager: PipelineManager) -> SimpleNamespace:
             raise StudioError("select exactly one learned concept to change its strength")
         library.set_strength(manager, selected[0], float(s))
         return f"Strength of #{selected[0]} set to {float(s):g} (edits after it were re-applied)."
+
+    @user_errors
+    def on_scope(selected, scope_):
+        if len(selected or []) != 1:
+            raise StudioError("select exactly one learned concept to change where it acts")
+        library.set_strength(manager, selected[0], scope=SCOPE_KEYS.get(scope_, scope_))
+        return f"#{selected[0]} now acts on {scope_} (edits after it were re-applied)."
 
     @user_errors
     def on_compose(selected, how_, weights_):
@@ -200,9 +216,9 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                                    [f"Not exported: {p}" for p in problems])
 
     @user_errors
-    def on_import(files_, token_):
+    def on_import(files_, token_, scope_):
         edit = import_concept([getattr(f, "name", f) for f in files_ or []], token=token_.strip() or None,
-                              pipe=manager)
+                              pipe=manager, scope=SCOPE_KEYS.get(scope_, scope_))
         entry = manager.apply(edit)
         return f"Imported and applied **{entry.edit.title}** (edit #{manager.stack.position})."
 
@@ -211,10 +227,11 @@ def build(manager: PipelineManager) -> SimpleNamespace:
     refresh.click(listed, None, concepts, queue=False)
     events = [train_event,
               set_strength.click(on_strength, [concepts, strength], status, api_name="concept_strength", **GPU),
+              set_scope.click(on_scope, [concepts, scope], status, api_name="concept_scope", **GPU),
               compose.click(on_compose, [concepts, how, weights], status, api_name="compose", **GPU),
               apply_regions.click(on_regions, [canvas, *region_words], status, api_name="regions", **GPU),
               apply_zero.click(on_zero, zero_words, status, api_name="t2i_zero", **GPU),
-              import_btn.click(on_import, [imports, import_token], status, api_name="concept_import", **GPU)]
+              import_btn.click(on_import, [imports, import_token, scope], status, api_name="concept_import", **GPU)]
     export_btn.click(on_export, [concepts, formats, export_rank], [exported, status], api_name="concept_export", **GPU)
     for event in events:
         event.success(listed, None, concepts, show_progress="hidden")

@@ -130,5 +130,11 @@ def export_pipeline(manager, folder) -> Path:
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise StudioError(f"{folder} already exists and is not empty: choose a new or empty folder")
     with manager.lock:
+        hooked = [e.edit.title for e in manager.stack.applied
+                  if e.edit.kind == "learned_concept" and e.edit.params.get("scope") == "prompt" and e.edit.params.get("modules")]
+        if hooked:
+            raise StudioError(f"{', '.join(hooked)} act only on prompts that use their token, so their changes are not "
+                              "in the weights a saved pipeline holds: set their scope to 'every prompt' first, or "
+                              "export them as embedding + LoRA from the Customize tab")
         manager.pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -180,3 +180,29 @@ def test_compose_switches_the_concepts_off_and_back_on_when_it_fails(manager):
     assert "<x>" in vocab and "<y>" in vocab
     with pytest.raises(StudioError, match="at least two"):
         compose(manager, [1], "merge")
+
+
+def test_cut_mix_composites_put_the_concept_beside_a_prior_picture(manager):
+    import torch.nn.functional as F
+
+    from studio.customize.train import composites
+
+    pipe = manager.pipe
+    images = toy_images(manager, count=3)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))  # the frozen model's prior picture
+    with torch.no_grad():
+        partner = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
+    small = F.interpolate(partner, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)[0]
+    pixels, texts = composites(pipe, images, latents, ["a blue square"], 24, torch.Generator().manual_seed(0))
+    assert pixels.shape == (24, 3, 64, 64)
+    assert {t.replace("a blue square", "P") for t in texts} == {"a red {} and P", "P and a red {}",
+                                                               "a green {} and P", "P and a green {}",
+                                                               "a blue {} and P", "P and a blue {}"}
+    for picture, text in zip(pixels, texts):
+        k = 0 if text.startswith("a blue square") else 1  # the caption's order is the pictures' order
+        slots = [picture[:, 32 * k:32 * k + 32, 16:48], picture[:, 16:48, 32 * k:32 * k + 32]]  # above / beside
+        assert any(torch.allclose(slot, small, atol=1e-5) for slot in slots)
+        concept_slots = [picture[:, 32 * (1 - k):32 * (2 - k), 16:48], picture[:, 16:48, 32 * (1 - k):32 * (2 - k)]]
+        assert not any(torch.allclose(slot, small, atol=1e-2) for slot in concept_slots)
+    with pytest.raises(StudioError, match="Cut-Mix need"):
+        train_concept(manager, images, "<cm>", cut_mix=0.5, steps=2)

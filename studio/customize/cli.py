@@ -33,10 +33,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cross-init", action="store_true")
     p.add_argument("--semantic-weight", type=float, default=0.0, help="ClassDiffusion semantic preservation")
     p.add_argument("--prior-weight", type=float, default=None,
-                   help="prior preservation on images the model draws now (default: 1 with --toy-example, else 0)")
+                   help="prior preservation on images the model draws now (default 0)")
     p.add_argument("--prior-prompt", action="append", default=[],
                    help="what the model must keep drawing (repeatable; default 'a <class word>', or the toy shapes)")
     p.add_argument("--prior-images", type=int, default=48)
+    p.add_argument("--cut-mix", type=float, default=None,
+                   help="share of training pictures pairing a concept image with a prior image side by side, so the "
+                        "concept composes with others (default: 0.5 with --toy-example, else 0; needs prior prompts)")
+    p.add_argument("--scope", choices=["prompt", "always"], default="prompt",
+                   help="where the concept's weight changes act: prompts that use its token (default), or every "
+                        "prompt (merged into the weights)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--save-dir", help="save the training state here every --save-every steps (for --resume)")
     p.add_argument("--save-every", type=int, default=100)
@@ -52,7 +58,7 @@ def command(args, manager) -> list[str]:
     if args.import_files:
         from .formats import import_concept
 
-        edit = import_concept(args.import_files, token=args.token, pipe=manager)
+        edit = import_concept(args.import_files, token=args.token, pipe=manager, scope=args.scope)
         manager.apply(edit)
         return [f"{edit.title}: applied"] + _after(args, manager, edit)
     if not args.token:
@@ -67,7 +73,8 @@ def command(args, manager) -> list[str]:
         examples = toy_examples(args.toy_example)
         sources, captions = [Image.fromarray(im) for im, _ in examples], [c for _, c in examples]
         args.prior_prompt = args.prior_prompt or toy_prior_prompts()
-        args.prior_weight = 1.0 if args.prior_weight is None else args.prior_weight
+        args.prior_weight = 0.0 if args.prior_weight is None else args.prior_weight
+        args.cut_mix = 0.5 if args.cut_mix is None else args.cut_mix
     images, notes = load_images(sources, resolution, captions)
     edit = train_concept(manager, images, args.token, method=args.method, class_word=args.class_word,
                          steps=args.steps, lr=args.lr, token_lr=args.token_lr, batch=args.batch, rank=args.rank,
@@ -75,7 +82,7 @@ def command(args, manager) -> list[str]:
                          semantic_weight=args.semantic_weight, prior_weight=args.prior_weight or 0.0,
                          prior_prompts=args.prior_prompt, prior_images=args.prior_images,
                          gradient_checkpointing=args.gradient_checkpointing, save_dir=args.save_dir,
-                         save_every=args.save_every, resume=args.resume,
+                         save_every=args.save_every, resume=args.resume, scope=args.scope, cut_mix=args.cut_mix or 0.0,
                          progress=lambda i, n: print(f"\rstep {i}/{n}", end="", flush=True))
     print()
     manager.apply(edit)

@@ -102,6 +102,24 @@ def weight_delta(tensors: dict, name: str, shape) -> torch.Tensor | None:
     return delta.reshape(shape)
 
 
+def factors(tensors: dict, name: str, shape) -> tuple:
+    """The change of weight `name` as the layer applies it: (A, B) of a LoRA, or (delta,) shaped like the weight."""
+    if f"{name}.lora_A" not in tensors:
+        return (tensors[f"{name}.delta"].float().reshape(shape),)
+    a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
+    if len(shape) == 4:  # conv: A carries the kernel, B is a 1x1 conv
+        return a.reshape(len(a), *shape[1:]), b.reshape(len(b), -1, 1, 1)
+    return a.flatten(1), b.flatten(1)
+
+
+def scope_of(params: dict) -> str:
+    """Where a concept's UNet changes act: "prompt" (images whose prompt uses its token) or "always" (merged
+    into the weights; concepts without a token, and those saved before scopes existed)."""
+    if params.get("token") is None:
+        return "always"
+    return params.get("scope", "always")
+
+
 def base_signature(pipe) -> str:
     """A short signature of the base model (its UNet's input convolution, which no edit touches): a
     concept learned on one model is refused on another instead of silently producing noise."""
@@ -129,11 +147,19 @@ def concept_label(params: dict) -> str:
     return label if s == 1.0 else f"{label} x{s:g}"
 
 
-def with_strength(edit: Edit, strength: float) -> Edit:
-    """The same concept with its weight changes at another strength (the token is unchanged)."""
+def with_strength(edit: Edit, strength: float | None = None, scope: str | None = None) -> Edit:
+    """The same concept with its weight changes at another strength and/or scope (the token is unchanged)."""
     if edit.kind != "learned_concept":
         raise StudioError(f"{edit.title} is not a learned concept (kind {edit.kind!r})")
-    params = {**edit.params, "strength": check_strength(strength)}
+    params = dict(edit.params)
+    if strength is not None:
+        params["strength"] = check_strength(strength)
+    if scope is not None:
+        from .scope import check_scope
+
+        if params.get("token") is None and scope == "prompt":
+            raise StudioError(f"{edit.title} has no token to scope it to: it acts on every prompt")
+        params["scope"] = check_scope(scope)
     return Edit(edit.kind, params, edit.tensors, label=concept_label(params))
 
 
@@ -145,12 +171,20 @@ def apply_learned_concept(pipe, params: dict, tensors: dict, patch) -> None:
                                             or not 1 <= len(embedding) <= MAX_VECTORS):
         raise StudioError("this concept has no valid 'embedding' tensor: it is damaged; train or import it again")
     check_base(pipe, params)
+    scoped = {}
     for name in params.get("modules", []):
         w = patch.read(name)
         delta = weight_delta(tensors, name, w.shape)
         if delta is None:
             raise StudioError(f"this concept lacks the change of {name}: it is damaged; train or import it again")
-        patch.write(name, w.float() + strength * delta.to(w.device))
+        if scope_of(params) == "prompt" and name.startswith("unet."):
+            scoped[name] = factors(tensors, name, w.shape)
+        else:
+            patch.write(name, w.float() + strength * delta.to(w.device))
+    if scoped:
+        from .scope import install_scoped
+
+        install_scoped(pipe, params, tensors, scoped, strength, patch)
     if params.get("token") is not None:
         install_tokens(pipe, params["token"], embedding, patch)
     for i, token in enumerate(params.get("more_tokens", [])):  # concepts extracted together share one edit

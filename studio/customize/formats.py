@@ -520,11 +520,15 @@ def _expand(paths) -> list[Path]:
     return files
 
 
-def import_concept(paths, token: str | None = None, pipe=None, strength: float = 1.0) -> Edit:
+def import_concept(paths, token: str | None = None, pipe=None, strength: float = 1.0, scope: str = "prompt") -> Edit:
     """A "learned_concept" Edit (not applied) from embedding / kohya LoRA / Custom Diffusion files or
     folders; several files combine (e.g. an embedding and a LoRA). `token` names the concept (default:
     what the embedding file says, or its file name). `pipe` (a pipeline or PipelineManager) is needed
-    for LoRA and Custom Diffusion files and checks every shape and the token against the model."""
+    for LoRA and Custom Diffusion files and checks every shape and the token against the model. `scope`:
+    where the UNet changes act ("prompt": images whose prompt uses the token; without a token always)."""
+    from .scope import check_scope
+
+    scope = check_scope(scope)
     model = pipe
     pipe, _ = _pipe_of(model)
     files = _expand(paths)
@@ -578,7 +582,8 @@ def import_concept(paths, token: str | None = None, pipe=None, strength: float =
     params = {"method": "imported", "token": token if embedding is not None else None, "modules": modules,
               "strength": check_strength(strength), "name": file_stem(token) if embedding is not None else files[0].stem,
               "formats": sorted(set(formats)), "files": [p.name for p in files],
-              "vectors": len(embedding) if embedding is not None else 0}
+              "vectors": len(embedding) if embedding is not None else 0,
+              "scope": scope if embedding is not None else "always"}
     if "custom_diffusion" in formats:
         params["base_model"] = base_signature(pipe)  # the changes are relative to this model's weights
     if notes:

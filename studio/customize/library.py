@@ -63,10 +63,11 @@ def concept_edit(manager, index: int) -> Edit:
     return concept
 
 
-def set_strength(manager, index: int, strength: float):
-    """Re-apply concept `index` with its weight changes at `strength` (later edits are re-applied)."""
+def set_strength(manager, index: int, strength: float | None = None, scope: str | None = None):
+    """Re-apply concept `index` with its weight changes at `strength` and/or acting on `scope` ("prompt":
+    images whose prompt uses its token; "always": merged into the weights); later edits are re-applied."""
     with manager.lock:
-        return manager.replace(index, with_strength(concept_edit(manager, index), strength))
+        return manager.replace(index, with_strength(concept_edit(manager, index), strength, scope))
 
 
 def compose(manager, indices: list[int], how: str, weights: list[float] | None = None):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -166,9 +167,9 @@ def remove_lora(unet) -> None:
 
 # -- data ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_images(pipe, images: list[TrainingImage], flip: bool) -> torch.Tensor:
+def encode_images(pipe, images: list[TrainingImage] | torch.Tensor, flip: bool) -> torch.Tensor:
     """VAE latents (mean of the posterior, scaled) of every image, and of its mirror image if `flip`."""
-    x = torch.stack([img.tensor for img in images])
+    x = images if torch.is_tensor(images) else torch.stack([img.tensor for img in images])
     if flip:
         x = torch.cat([x, x.flip(-1)])
     vae = pipe.vae
@@ -198,15 +199,21 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
                   gradient_checkpointing: bool = False, mixed_precision: bool = True,
                   progress: Progress | None = None, preview: Preview | None = None, preview_every: int = 100,
                   preview_prompts: list[str] | None = None, save_dir: str | Path | None = None,
-                  save_every: int = 100, resume: bool = False) -> Edit:
+                  save_every: int = 100, resume: bool = False, scope: str = "prompt", cut_mix: float = 0.0) -> Edit:
     """Train `token` on `images` (see images.load_images) and return a "learned_concept" Edit.
 
     Captions: an image's own caption (with '{}' where the token goes) or, without one, a random
     template of `templates`. `progress(step, steps)` after every step; `preview(step, images)`
     every `preview_every` steps with one image per preview prompt (default "a {token}").
     With `save_dir`, the trainable state is saved there every `save_every` steps and at a stop;
-    `resume=True` continues from the state saved there (same settings required).
+    `resume=True` continues from the state saved there (same settings required). `scope`: where the
+    concept's UNet changes act once applied ("prompt": images whose prompt uses the token; "always").
+    `cut_mix` (0: off): the fraction of training pictures that are Cut-Mix composites of a concept image
+    and a prior image (see `composites`; needs prior prompts or a class word).
     """
+    from .scope import check_scope
+
+    scope = check_scope(scope)
     if method not in METHODS:
         raise StudioError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if lora_targets not in LORA_TARGETS:
@@ -233,8 +240,10 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
     prior_prompts = [p.strip() for p in prior_prompts or [] if p.strip()] or ([f"a {class_word}"] if class_word else [])
     if semantic_weight and not class_word:
         raise StudioError("semantic preservation needs a class word (what the concept is, e.g. 'dog')")
-    if prior_weight and not prior_prompts:
-        raise StudioError("prior preservation needs a class word or prior prompts (what the model must keep drawing)")
+    cut_mix = _number("Cut-Mix fraction", cut_mix, 0, 0.9)
+    if (prior_weight or cut_mix) and not prior_prompts:
+        raise StudioError("prior preservation and Cut-Mix need a class word or prior prompts (what the model must keep "
+                          "drawing)")
     prior_images = _whole("prior images", prior_images, 1, 1000)
     templates = [t for t in (templates or DEFAULT_TEMPLATES) if t.strip()]
     previews = preview_prompts or [f"a {token}"]
@@ -242,7 +251,8 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
                     batch=batch, rank=rank,
                     lora_targets=lora_targets, vectors=vectors, cross_init=bool(cross_init),
                     cross_init_weight=cross_init_weight, semantic_weight=semantic_weight,
-                    prior_weight=prior_weight, prior_prompts=prior_prompts if prior_weight else [], seed=seed,
+                    prior_weight=prior_weight, prior_prompts=prior_prompts if prior_weight or cut_mix else [], seed=seed,
+                    cut_mix=cut_mix,
                     images=len(images))
     state_path = Path(save_dir) / "state.safetensors" if save_dir else None
     if resume and not (state_path and state_path.is_file()):
@@ -292,8 +302,15 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
         latents = encode_images(pipe, images, flip)
         captions = [img.caption for img in images] * (2 if flip else 1)
         prior = None
-        if prior_weight:
+        if prior_weight or cut_mix:
             prior, prior_texts = prior_latents(manager, prior_prompts, prior_images, seed)
+        if cut_mix:
+            count = round(len(latents) * cut_mix / (1 - cut_mix))
+            pixels, texts = composites(pipe, images, prior, prior_texts, count, gen)
+            latents = torch.cat([latents, encode_images(pipe, pixels, False)])
+            captions += texts
+        if not prior_weight:
+            prior = None
         init_features = None
         if cross_init and class_word:
             init_features = init.detach().float().to(device)
@@ -353,7 +370,7 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
 
     tail = losses[-max(1, len(losses) // 10):] or [float("nan")]
     modules = sorted({n.rsplit(".", 1)[0] for n in tensors if n != "embedding"})
-    params = {**settings, "strength": 1.0, "modules": modules, "base_model": base_signature(pipe), "train_seconds": round(seconds, 2),
+    params = {**settings, "scope": scope, "strength": 1.0, "modules": modules, "base_model": base_signature(pipe), "train_seconds": round(seconds, 2),
               "final_loss": round(sum(tail) / len(tail), 5), "resumed_from": start_step}
     return Edit("learned_concept", params, tensors, label=concept_label(params))
 
@@ -384,6 +401,38 @@ def semantic_loss(pipe, token: str, class_word: str, texts: list[str]) -> torch.
         spelled = re.compile(rf"{re.escape(token)}(?:\s+{re.escape(token)}_\d+)*")
         with_class = te(_ids(pipe, [spelled.sub(class_word, t) for t in texts]))[1].float()
     return (1 - nn.functional.cosine_similarity(with_token, with_class, dim=-1)).mean()
+
+
+@torch.no_grad()
+def composites(pipe, images: list[TrainingImage], prior: torch.Tensor, prior_texts: list[str], count: int,
+               gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+    """`count` Cut-Mix pictures (SVDiff's augmentation, with the frozen model's own prior images as the
+    partner): a concept image and a prior image, each shrunk to half the frame, side by side or one above
+    the other on the concept image's background, captioned "<concept caption> and <prior prompt>" in
+    either order. A concept learned only alone is lost in a two-object prompt (on the toy model a
+    learned heart never appeared in "a <heart> and a blue square"); these teach it to share the frame."""
+    vae = pipe.vae
+    partners = torch.cat([vae.decode(prior[i:i + 8].to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+                          for i in range(0, len(prior), 8)]).float().clamp(-1, 1).cpu()
+    res = images[0].tensor.shape[-1]
+    side = res // 2
+    out, texts = [], []
+    for _ in range(count):
+        i, j = (int(torch.randint(0, n, (), generator=gen)) for n in (len(images), len(partners)))
+        concept = images[i].tensor
+        border = torch.cat([concept[:, 0], concept[:, -1], concept[:, :, 0], concept[:, :, -1]], 1)
+        canvas = border.median(1).values[:, None, None].expand(3, res, res).clone()
+        pair = [concept, partners[j]]
+        swap, vertical = (bool(torch.rand((), generator=gen) < 0.5) for _ in range(2))
+        for k, picture in enumerate(pair[::-1] if swap else pair):
+            small = F.interpolate(picture[None], size=(side, side), mode="bilinear", antialias=True,
+                                  align_corners=False)[0]
+            y, x = ((k * side, (res - side) // 2) if vertical else ((res - side) // 2, k * side))
+            canvas[:, y:y + side, x:x + side] = small
+        out.append(canvas)
+        own = images[i].caption or "a {}"
+        texts.append(f"{prior_texts[j]} and {own}" if swap else f"{own} and {prior_texts[j]}")
+    return torch.stack(out), texts
 
 
 @torch.no_grad()
