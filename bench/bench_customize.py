@@ -138,16 +138,20 @@ def teach(manager, shape: str, token: str, seeds: int, **kw) -> tuple:
     return index, summary
 
 
-def both_rate(manager, prompt: str, seeds: int) -> float:
+def both_rate(manager, prompt: str, seeds: int) -> dict:
+    """How often both learned shapes (and each one) are in the image."""
     from studio.toyworld.evaluate import bundled_oracle
 
     oracle = bundled_oracle()
-    reads = [oracle.read(im) for im in manager.generate(GenerationRequest(prompt, seed=0, batch=seeds)).images]
-    return float(np.mean([{"heart", "cross"} <= {r.shape for r in rs} for rs in reads]))
+    shapes = [{r.shape for r in oracle.read(im)}
+              for im in manager.generate(GenerationRequest(prompt, seed=0, batch=seeds)).images]
+    return {"both": float(np.mean([{"heart", "cross"} <= s for s in shapes])),
+            "heart": float(np.mean(["heart" in s for s in shapes])),
+            "cross": float(np.mean(["cross" in s for s in shapes]))}
 
 
 def quality(manager, seeds: int, steps: int, method: str, targets: str, prior_weight: float,
-            prior_images: int, scope: str) -> dict:
+            prior_images: int, scope: str, cut_mix: float) -> dict:
     from studio.customize import compose
     from studio.customize.library import compose as compose_applied
     from studio.toyworld.evaluate import score, single_prompts
@@ -155,7 +159,7 @@ def quality(manager, seeds: int, steps: int, method: str, targets: str, prior_we
     from studio.customize.library import toy_prior_prompts
 
     kw = dict(method=method, steps=steps, lora_targets=targets, prior_weight=prior_weight, prior_images=prior_images,
-              prior_prompts=toy_prior_prompts(), scope=scope)
+              prior_prompts=toy_prior_prompts(), scope=scope, cut_mix=cut_mix)
     out = {"settings": {k: v for k, v in kw.items() if k != "prior_prompts"}}
     before = score(manager, single_prompts(), seeds=max(1, seeds // 2))["single"].rates()
     heart, out["heart"] = teach(manager, "heart", "<heart>", seeds, **kw)
@@ -174,8 +178,9 @@ def quality(manager, seeds: int, steps: int, method: str, targets: str, prior_we
     print("unrelated", json.dumps(out["unrelated prompts (single objects)"]), flush=True)
 
     prompt = "a <heart> and a <cross>"
+    halves = [("a <heart>", (0.0, 0.0, 0.5, 1.0)), ("a <cross>", (0.5, 0.0, 1.0, 1.0))]
     comp = {"both concepts applied (summed)": both_rate(manager, prompt, seeds)}
-    manager.apply(compose.region_edit([("<heart>", (0.0, 0.0, 0.5, 1.0)), ("<cross>", (0.5, 0.0, 1.0, 1.0))]))
+    manager.apply(compose.region_edit(halves))
     comp["region-aware sampling"] = both_rate(manager, prompt, seeds)
     manager.undo()
     manager.apply(compose.t2i_zero_edit(["<heart>", "<cross>"]))
@@ -186,7 +191,7 @@ def quality(manager, seeds: int, steps: int, method: str, targets: str, prior_we
         here = manager.stack.position
         compose_applied(manager, idx, how)
         comp[f"closed-form {how}" if how == "merge" else "weighted adapters (1, 1)"] = both_rate(manager, prompt, seeds)
-        manager.apply(compose.region_edit([("<heart>", (0.0, 0.0, 0.5, 1.0)), ("<cross>", (0.5, 0.0, 1.0, 1.0))]))
+        manager.apply(compose.region_edit(halves))
         comp[f"{how} + regions"] = both_rate(manager, prompt, seeds)
         manager.undo()
         manager.undo()
@@ -226,7 +231,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=400)
     ap.add_argument("--method", default="lora")
     ap.add_argument("--targets", default="attention+ff")
-    ap.add_argument("--prior-weight", type=float, default=1.0, help="prior preservation on the known toy shapes")
+    ap.add_argument("--prior-weight", type=float, default=0.0, help="prior preservation on the known toy shapes")
+    ap.add_argument("--cut-mix", type=float, default=0.5, help="share of Cut-Mix composites with prior images")
     ap.add_argument("--prior-images", type=int, default=48)
     ap.add_argument("--scope", default="prompt", help="where the concepts act: prompt (their token) or always")
     ap.add_argument("--out", default="bench/results/customize.json")
@@ -246,7 +252,7 @@ def main() -> None:
         print(f"{k:<42}{v['steps_per_s']:>10.2f}{v['peak_mb']:>12.0f}")
     if args.quality:
         results["quality"] = quality(manager, args.seeds, args.train_steps, args.method, args.targets,
-                                     args.prior_weight, args.prior_images, args.scope)
+                                     args.prior_weight, args.prior_images, args.scope, args.cut_mix)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

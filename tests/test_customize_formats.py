@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from studio.customize.concept import with_strength
 from studio.customize.formats import CD_WEIGHTS, EMBEDS, export_concept, import_concept, lora_state
 from studio.customize.images import TrainingImage, to_tensor
 from studio.customize.train import train_concept
@@ -157,11 +158,11 @@ def test_custom_diffusion_round_trip_and_diffusers(mgr, concepts, base_image, tm
     from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 
     cd = concepts["cd"]
-    mgr.apply(cd)  # exported while applied: the full weights are the base's plus the change, once
+    mgr.apply(with_strength(cd, scope="always"))  # merged in: the full weights are the base's plus the change, once
     applied_k0 = mgr.pipe.unet.get_parameter(K0.removeprefix("unet.")).detach().clone()
-    ours = image(mgr)
-    out = export_concept(cd, tmp_path, rank=4, model=mgr)
+    out = export_concept(cd, tmp_path, rank=4, model=mgr)  # exported while merged in: still the change once
     mgr.undo()
+    ours = with_edit(mgr, cd)
     assert not out["errors"], out["errors"]
     folder = tmp_path / "x-custom-diffusion"
     state = load_file(str(folder / CD_WEIGHTS))

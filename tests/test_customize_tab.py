@@ -5,6 +5,7 @@ import pytest
 from components.common import PAINT_COLOURS
 from components.customize_tab import regions_from_drawing, toy_example_files, train
 from studio.customize.library import learned_concepts
+from studio.customize.scope import SCOPES
 from studio.errors import StudioError
 
 
@@ -13,7 +14,8 @@ def test_train_handler_streams_previews_and_lands_one_entry(manager):
     assert len(files) == 16 and sum(f.endswith(".txt") for f in files) == 8
     shots, ticks = [], []
     message = train(manager, files, "<heart>", "", "LoRA (peft)", 4, None, None, 2, 4, "attention", 1, True, 0.0,
-                    0.5, "a red circle\na blue star", False, 2, "a {}\na red {}", False, preview=shots.append,
+                    0.5, "a red circle\na blue star", False, 2, "a {}\na red {}", False, SCOPES["prompt"], 0.5,
+                    preview=shots.append,
                     progress=lambda d, t: ticks.append(d))
     assert "Learned **<heart>**" in message
     assert len(shots) == 2 and all(len(s) == 2 for s in shots)  # steps 2 and 4, one image per preview prompt
@@ -21,7 +23,7 @@ def test_train_handler_streams_previews_and_lands_one_entry(manager):
     assert [(c.token, c.method, c.on) for c in learned_concepts(manager)] == [("<heart>", "lora", True)]
     with pytest.raises(StudioError, match="already in the vocabulary"):
         train(manager, files, "<heart>", "", "LoRA (peft)", 2, None, None, 2, 4, "attention", 1, True, 0.0, 0.0,
-              "", False, 100, "a {}", False)
+              "", False, 100, "a {}", False, SCOPES["prompt"], 0.0)
     assert len(manager.history()) == 1
 
 

@@ -16,7 +16,6 @@ exact original objects.
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 import hashlib
 import json
 import math
@@ -366,14 +365,12 @@ class Steering:
 
     def tick(self, batch: int) -> None:
         """Called once per UNet pass (by the first cross-attention layer); guidance passes do not count."""
-        if self.positions is not None and batch == len(self.positions) * (2 if self.cfg else 1) \
-                and getattr(self.pipe, "studio_region_words", None) is None:  # a region's own pass is not a step
+        if self.positions is not None and batch == len(self.positions) * (2 if self.cfg else 1):
             self.passes += 1
 
     def rows(self, batch: int) -> slice | None:
-        """The conditional rows of a UNet batch, or None when this pass is not steered (also while a region is
-        denoised on its own, with its own prompt)."""
-        if self.positions is None or getattr(self.pipe, "studio_region_words", None) is not None:
+        """The conditional rows of a UNet batch, or None when this pass is not steered."""
+        if self.positions is None:
             return None
         total = getattr(self.pipe, "_num_timesteps", None)
         if self.until < 1 and total and self.passes - 1 >= self.until * total:
@@ -469,14 +466,11 @@ def install_processors(pipe, steering: Steering, patch) -> None:
 
 
 # -- (c) region-aware sampling ----------------------------------------------------------------------
-def region_edit(regions: list[tuple[str, object]], *, until: float = 0.5, separate: bool = True) -> Edit:
+def region_edit(regions: list[tuple[str, object]], *, until: float = 0.5) -> Edit:
     """Each (words, region): the words' tokens are attended only inside the region, a box (x0, y0, x1, y1)
     in fractions of the image or a 2-D mask of any size; `until`: the fraction of steps to steer (the
     layout is fixed early; on the toy model steering half the steps kept both objects more often than
-    steering all of them: 7/8 vs 6/8 images). `separate` (MultiDiffusion's region-based generation): every
-    step also denoises each region on its own, cropped to its box and prompted by its words alone, and
-    its prediction replaces the whole prompt's inside the region (on the toy model "a <heart> and a
-    <cross>" drew two green stars without it: one prompt's features mixed both concepts)."""
+    steering all of them: 7/8 vs 6/8 images)."""
     if isinstance(regions, (str, bytes)) or not isinstance(regions, (list, tuple)):
         raise StudioError("regions are a list of (words, box or mask) pairs")
     specs, tensors = [], {}
@@ -496,15 +490,15 @@ def region_edit(regions: list[tuple[str, object]], *, until: float = 0.5, separa
             mask = mask / mask.max()  # 0..255 masks
         specs.append(dict(words=words, mask=f"mask.{i}"))
         tensors[f"mask.{i}"] = mask
-    params = dict(regions=specs, until=until, separate=separate)
+    params = dict(regions=specs, until=until)
     check_regions(params, tensors)
-    steps = ("" if until >= 1 else f", first {until:.0%} of steps") + (", separate passes" if separate else "")
+    steps = "" if until >= 1 else f", first {until:.0%} of steps"
     return Edit("compose_regions", params, tensors,
                 label=f"regions {', '.join(repr(s['words']) for s in specs)}{steps}")
 
 
 def check_regions(params: dict, tensors: dict) -> None:
-    unknown = set(params) - {"regions", "until", "separate"}
+    unknown = set(params) - {"regions", "until"}
     if unknown:
         raise StudioError(f"unknown region parameter(s): {', '.join(sorted(unknown))}")
     specs = params.get("regions")
@@ -536,8 +530,6 @@ def check_regions(params: dict, tensors: dict) -> None:
                 raise StudioError(f"region {i + 1} ({words!r}): the mask is empty (or has negative or non-finite "
                                   "values): paint the area where the words belong")
     _number("the fraction of steps to steer", params.get("until", 1.0), 1e-9, 1)
-    if not isinstance(params.get("separate", False), bool):
-        raise StudioError(f"separate is true or false (got {params['separate']!r})")
 
 
 def region_grid(spec: dict, mask: torch.Tensor | None, hw: tuple[int, int]) -> torch.Tensor:
@@ -566,79 +558,12 @@ class RegionSteering(Steering):
         super().__init__(pipe, [s["words"].strip() for s in specs], params.get("until", 1.0),
                          _signature(params, tensors))
         self.specs, self.tensors, self.grids = specs, tensors, {}
-        self.separate = params.get("separate", False)  # edits saved before it existed: off
-        self.contexts: torch.Tensor | None = None
 
-    def watch(self, prompt, images: int, cfg: bool) -> None:
-        super().watch(prompt, images, cfg)
-        self.contexts = None
-        if self.separate and self.positions is not None:  # each region's words as a prompt of their own
-            self.contexts = encode(self.pipe, [expand(self.pipe, s["words"].strip()) for s in self.specs])
-
-    def crop(self, j: int, hw: tuple[int, int], multiple: int) -> tuple[slice, slice, torch.Tensor]:
-        """Region j's bounding box on an (h, w) latent, widened to a multiple of `multiple` cells (what the
-        UNet's downsamplers need), and the region's cells inside that box (float mask)."""
-        h, w = hw
-        inside = self.inside(hw)[j].reshape(h, w)
-        ys, xs = inside.any(1).nonzero()[:, 0], inside.any(0).nonzero()[:, 0]
-        box = []
-        for lo, hi, size in ((int(ys[0]), int(ys[-1]) + 1, h), (int(xs[0]), int(xs[-1]) + 1, w)):
-            span = min(size, max(multiple, -(-(hi - lo) // multiple) * multiple))
-            lo = max(0, min(lo - (span - (hi - lo)) // 2, size - span))
-            box.append(slice(lo, lo + span))
-        return box[0], box[1], inside[box[0], box[1]].float()
-
-    def region_passes(self, unet, args, kwargs, result):
-        """UNet forward hook (MultiDiffusion's region-based generation): each region is also denoised on its
-        own, cropped to its box and prompted by its words alone, and its prediction replaces the whole
-        prompt's inside the region. A concept scoped to its token then acts there with its own words
-        alone, instead of sharing one prompt's features with the other concepts."""
-        if self.contexts is None or getattr(self.pipe, "studio_region_words", None) is not None:
-            return None
-        sample = kwargs.get("sample", args[0] if args else None)
-        states = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        n, b = len(self.positions), sample.shape[0]
-        cond = slice(n, None) if self.cfg and b == 2 * n else slice(None) if b == n else None
-        if cond is None or states is None:
-            return None
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        rest = {k: v for k, v in kwargs.items() if k not in ("sample", "timestep", "encoder_hidden_states")}
-        pred = result[0] if isinstance(result, tuple) else result.sample
-        pred = pred.clone()
-        multiple = 2 ** sum(1 for blk in unet.down_blocks if getattr(blk, "downsamplers", None))
-        for j, spec in enumerate(self.specs):
-            ys, xs, mask = self.crop(j, tuple(sample.shape[-2:]), multiple)
-            context = states.clone()
-            context[cond] = self.contexts[j].to(states)
-            self.pipe.studio_region_words = spec["words"]
-            try:
-                own = unet(sample[..., ys, xs], t, encoder_hidden_states=context, **rest)
-            finally:
-                self.pipe.studio_region_words = None
-            own = own[0] if isinstance(own, tuple) else own.sample
-            mask = mask.to(pred)
-            pred[..., ys, xs] = pred[..., ys, xs] * (1 - mask) + own * mask
-        return (pred, *result[1:]) if isinstance(result, tuple) else type(result)(sample=pred)
-
-    def install(self, patch, processors: bool = True) -> None:
-        super().install(patch, processors)
-        if self.separate:
-            unet = self.pipe.unet
-            key = id(self)
-            hooks, with_kwargs = OrderedDict(unet._forward_hooks), dict(unet._forward_hooks_with_kwargs)
-            hooks[key], with_kwargs[key] = self.region_passes, True
-            patch.set_attr(unet, "_forward_hooks", hooks)
-            patch.set_attr(unet, "_forward_hooks_with_kwargs", with_kwargs)
-
-    def inside(self, hw) -> torch.Tensor:
-        """(regions, h*w) bool: each region at this attention resolution."""
+    def bias(self, attn, q, k, hw):
         if hw not in self.grids:
             self.grids[hw] = torch.stack([region_grid(s, self.tensors.get(s.get("mask", "")), hw).flatten()
                                           for s in self.specs])
-        return self.grids[hw]
-
-    def bias(self, attn, q, k, hw):
-        inside = self.inside(hw).to(q.device)
+        inside = self.grids[hw].to(q.device)
         out = torch.zeros(q.shape[0], q.shape[2], k.shape[2], device=q.device)
         for r, groups in enumerate(self.positions):
             for j, pos in enumerate(groups):
