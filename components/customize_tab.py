@@ -84,8 +84,8 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                 class_word = gr.Textbox(label="Class word (what it is)", value="" if toy else "",
                                         placeholder="cat, dog, painting…")
             method = gr.Radio(list(METHOD_KEYS), value=METHODS["lora"], label="Method")
-            scope = gr.Radio(list(SCOPE_KEYS), value=SCOPES["prompt"], label="The concept's weight changes act on "
-                             "(also for imports; in a region composition, only inside its region)")
+            scope = gr.Radio(list(SCOPE_KEYS), value=SCOPES["prompt"],
+                             label="The concept's weight changes act on (also for imports)")
             with gr.Accordion("Training settings", open=False):
                 gr.Markdown("Blank learning rate and steps use the published defaults for this model size: " +
                             "; ".join(f"{METHODS[k]}: lr {v['lr']:g}, {v['steps']} steps" for k, v in DEFAULTS.items()))
