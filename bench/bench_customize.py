@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from studio.customize.images import load_images  # noqa: E402
 from studio.customize.library import toy_examples  # noqa: E402
 from studio.customize.train import METHODS, train_concept  # noqa: E402
-from studio.edits import Edit  # noqa: E402
 from studio.generation import GenerationRequest  # noqa: E402
 from studio.manager import PipelineManager  # noqa: E402
 from studio.toyworld.scenes import COLOURS  # noqa: E402
@@ -153,7 +152,7 @@ def both_rate(manager, prompt: str, seeds: int) -> dict:
 def quality(manager, seeds: int, steps: int, method: str, targets: str, prior_weight: float,
             prior_images: int, scope: str, cut_mix: float) -> dict:
     from studio.customize import compose
-    from studio.customize.library import compose as compose_applied
+    from studio.customize.library import compose as compose_applied, set_strength
     from studio.toyworld.evaluate import score, single_prompts
 
     from studio.customize.library import toy_prior_prompts
@@ -167,14 +166,12 @@ def quality(manager, seeds: int, steps: int, method: str, targets: str, prior_we
     during = score(manager, single_prompts(), seeds=max(1, seeds // 2))["single"].rates()
     out["unrelated prompts (single objects)"] = {"before": before, f"with both concepts (scope {scope})": during}
     other = "always" if scope == "prompt" else "prompt"
-    for i in (heart, cross):
-        edit = manager.stack.entries[i - 1].edit
-        manager.replace(i, Edit(edit.kind, {**edit.params, "scope": other}, edit.tensors, edit.label))
-    out["unrelated prompts (single objects)"][f"with both concepts (scope {other})"] = score(
-        manager, single_prompts(), seeds=max(1, seeds // 2))["single"].rates()
-    for i in (heart, cross):
-        edit = manager.stack.entries[i - 1].edit
-        manager.replace(i, Edit(edit.kind, {**edit.params, "scope": scope}, edit.tensors, edit.label))
+    for s in (other, scope):  # the same concepts acting on the other scope, then back
+        for i in (heart, cross):
+            set_strength(manager, i, scope=s)
+        if s == other:
+            out["unrelated prompts (single objects)"][f"with both concepts (scope {other})"] = score(
+                manager, single_prompts(), seeds=max(1, seeds // 2))["single"].rates()
     print("unrelated", json.dumps(out["unrelated prompts (single objects)"]), flush=True)
 
     prompt = "a <heart> and a <cross>"

@@ -129,9 +129,11 @@ def export_pipeline(manager, folder) -> Path:
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise StudioError(f"{folder} already exists and is not empty: choose a new or empty folder")
+    from .customize.concept import scope_of
+
     with manager.lock:
-        hooked = [e.edit.title for e in manager.stack.applied
-                  if e.edit.kind == "learned_concept" and e.edit.params.get("scope") == "prompt" and e.edit.params.get("modules")]
+        hooked = [e.edit.title for e in manager.stack.applied if e.edit.kind == "learned_concept"
+                  and scope_of(e.edit.params) == "prompt" and e.edit.params.get("modules")]
         if hooked:
             raise StudioError(f"{', '.join(hooked)} act only on prompts that use their token, so their changes are not "
                               "in the weights a saved pipeline holds: set their scope to 'every prompt' first, or "

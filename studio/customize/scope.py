@@ -34,9 +34,6 @@ def check_scope(scope) -> str:
 class PromptScope(Steering):
     """Which rows of the UNet batch belong to images whose prompt uses one of the concept's tokens."""
 
-    def __init__(self, pipe, tokens: list[str], signature: str):
-        super().__init__(pipe, tokens, 1.0, signature)
-
     def gate(self, batch: int) -> torch.Tensor | None:
         """(batch,) bool: the rows the concept acts on (negative and conditional rows alike), or None."""
         if self.positions is None:
@@ -80,7 +77,7 @@ class ScopedChange:
 def install_scoped(pipe, params: dict, tensors: dict, changes: dict[str, tuple], strength: float, patch) -> None:
     """Hook each changed UNet layer (`changes`: weight name -> factors) behind one prompt scope."""
     tokens = [params["token"], *params.get("more_tokens", [])]
-    scope = PromptScope(pipe, tokens, _signature(params, tensors))
+    scope = PromptScope(pipe, tokens, 1.0, _signature(params, tensors))
     scope.install(patch, processors=False)
     for name, factors in changes.items():
         _, _, module = module_slot(pipe, name)
