@@ -7,8 +7,9 @@ hearts. Scoped, a prompt without the token gives the base model's image bit for 
 The change rides as a forward hook on each changed layer (out += gate * strength * ΔW x), added by
 swapping the layer's hook table through the patch, so undo restores the exact original table and the
 weights are never touched; the hook reports itself to the model fingerprint. (Masking the change to the
-token's region of a region composition was tried and lowered the two-concept rate on the toy model,
-8/16 -> 4/16 images with both shapes, so the gate is per image.)
+token's region of a region composition was tried twice and never raised the two-concept rate on the toy
+model: 8/16 -> 4/16 images with both shapes for one pair of concepts, 2/16 -> 2/16 for another; so the
+gate is per image.)
 """
 from __future__ import annotations
 

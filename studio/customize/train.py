@@ -281,7 +281,9 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
             trainables.update({f"{n}.delta": d for n, d in deltas.delta.items()})
         elif method == "lora":
             cleanup.callback(lambda: remove_lora(unet))
-            lora = add_lora(unet, rank, lora_targets)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)  # peft draws the adapter's starting A from the global generator
+                lora = add_lora(unet, rank, lora_targets)
             for n, m in lora.items():
                 trainables[f"{n}.lora_A"] = m.lora_A[ADAPTER].weight
                 trainables[f"{n}.lora_B"] = m.lora_B[ADAPTER].weight
