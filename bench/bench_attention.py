@@ -35,24 +35,13 @@ from studio.attention.control import Control, default_scale_factor  # noqa: E402
 from studio.attention.maps import Selection, binarize, iou, normalize, word_maps  # noqa: E402
 from studio.attention.run import CaptureOptions, generate_with_maps  # noqa: E402
 from studio.attention.tokens import sequence_length  # noqa: E402
-from studio.demo_model import build_demo_pipeline  # noqa: E402
+from common import random_manager, sync  # noqa: E402
 from studio.generation import GenerationRequest  # noqa: E402
-from studio.loading import resolve_device, resolve_dtype  # noqa: E402
+from studio.loading import resolve_device  # noqa: E402
 from studio.manager import PipelineManager  # noqa: E402
 
 PROMPT = "a photo of a red circle on the left and a blue square"
 TAU = 0.4
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def random_manager(arch: str, device) -> PipelineManager:
-    pipe = build_demo_pipeline(arch=arch).to(device=device, dtype=resolve_dtype("auto", device))
-    pipe.set_progress_bar_config(disable=True)
-    return PipelineManager.from_pipeline(pipe, f"random {arch}")
 
 
 def toy_manager(device) -> PipelineManager:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -24,23 +23,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import bench_manager, peak_mb, sync, write_json  # noqa: E402
 from studio.customize.images import load_images  # noqa: E402
 from studio.customize.library import toy_examples  # noqa: E402
 from studio.customize.train import METHODS, train_concept  # noqa: E402
 from studio.generation import GenerationRequest  # noqa: E402
-from studio.manager import PipelineManager  # noqa: E402
 from studio.toyworld.scenes import COLOURS  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def images_for(manager, shape="heart"):
@@ -149,17 +137,15 @@ def both_rate(manager, prompt: str, seeds: int) -> dict:
             "cross": float(np.mean(["cross" in s for s in shapes]))}
 
 
-def quality(manager, seeds: int, steps: int, method: str, targets: str, prior_weight: float,
-            prior_images: int, scope: str, cut_mix: float) -> dict:
+def quality(manager, seeds: int, settings: dict) -> dict:
+    """The bars, with both concepts trained by train_concept(**settings)."""
     from studio.customize import compose
-    from studio.customize.library import compose as compose_applied, set_strength
+    from studio.customize.library import compose as compose_applied, set_strength, toy_prior_prompts
     from studio.toyworld.evaluate import score, single_prompts
 
-    from studio.customize.library import toy_prior_prompts
-
-    kw = dict(method=method, steps=steps, lora_targets=targets, prior_weight=prior_weight, prior_images=prior_images,
-              prior_prompts=toy_prior_prompts(), scope=scope, cut_mix=cut_mix)
-    out = {"settings": {k: v for k, v in kw.items() if k != "prior_prompts"}}
+    kw = dict(settings, prior_prompts=toy_prior_prompts())
+    scope = settings["scope"]
+    out = {"settings": settings}
     before = score(manager, single_prompts(), seeds=max(1, seeds // 2))["single"].rates()
     heart, out["heart"] = teach(manager, "heart", "<heart>", seeds, **kw)
     cross, out["cross"] = teach(manager, "cross", "<cross>", seeds, **kw)
@@ -228,32 +214,25 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=400)
     ap.add_argument("--method", default="lora")
     ap.add_argument("--targets", default="attention+ff")
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (the LoRA's random start, batches, noise)")
     ap.add_argument("--prior-weight", type=float, default=0.0, help="prior preservation on the known toy shapes")
     ap.add_argument("--cut-mix", type=float, default=0.5, help="share of Cut-Mix composites with prior images")
     ap.add_argument("--prior-images", type=int, default=48)
     ap.add_argument("--scope", default="prompt", help="where the concepts act: prompt (their token) or always")
     ap.add_argument("--out", default="bench/results/customize.json")
     args = ap.parse_args()
-    if args.arch == "sd15":
-        from studio.demo_model import build_demo_pipeline
-
-        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        manager = PipelineManager.from_pipeline(build_demo_pipeline(arch="sd15").to(device, dtype), "random SD-1.5")
-    else:
-        manager = PipelineManager("builtin", device=args.device)
+    manager = bench_manager(args.arch, args.device)
     results = {"model": manager.describe(), "device": str(manager.pipe.device), "threads": torch.get_num_threads(),
                "cpus": os.cpu_count(), "batch": args.batch, "throughput": throughput(manager, args.steps, args.batch)}
     print(f"{'method':<42}{'steps/s':>10}{'peak MB':>12}")
     for k, v in results["throughput"].items():
         print(f"{k:<42}{v['steps_per_s']:>10.2f}{v['peak_mb']:>12.0f}")
     if args.quality:
-        results["quality"] = quality(manager, args.seeds, args.train_steps, args.method, args.targets,
-                                     args.prior_weight, args.prior_images, args.scope, args.cut_mix)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print("wrote", out)
+        results["quality"] = quality(manager, args.seeds, dict(
+            method=args.method, steps=args.train_steps, lora_targets=args.targets, rank=args.rank, seed=args.seed,
+            prior_weight=args.prior_weight, prior_images=args.prior_images, scope=args.scope, cut_mix=args.cut_mix))
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

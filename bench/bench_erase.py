@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -21,18 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import bench_manager, peak_mb, sync, write_json  # noqa: E402
 from studio.edits import find_tensor  # noqa: E402
 from studio.erase.closed_form import check_params, edited_layers, erase_edit, erase_sets  # noqa: E402
 from studio.erase.report import erasure_report  # noqa: E402
-from studio.manager import PipelineManager  # noqa: E402
 from studio.toyworld.scenes import COLOURS, POSITION_PHRASES, SHAPES, STYLES  # noqa: E402
 
 PRESERVE = [f"{st} {c} {s} {pos}" for st in STYLES for c in COLOURS for s in SHAPES for pos in POSITION_PHRASES][:100]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def reference_uce(pipe, params) -> list[torch.Tensor]:
@@ -78,8 +72,7 @@ def speed(manager, concept: str) -> dict:
     for _ in range(50):
         manager.apply(erase_edit(concept, preserve=PRESERVE))
         manager.undo()
-        memory.append(torch.cuda.memory_allocated() / 2**20 if device.type == "cuda"
-                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        memory.append(torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else peak_mb(device))
     return {"erase_s (studio, incl. undo)": studio_s, "reference_uce_s": reference_s, "undo_ms": undo_s * 1000,
             "memory_first_mb": memory[0], "memory_last_mb": memory[-1], "memory_kind": "cuda allocated" if
             device.type == "cuda" else "max RSS", "preserve_prompts": len(PRESERVE)}
@@ -141,14 +134,7 @@ def main() -> None:
     ap.add_argument("--stacked", action="store_true", help="toy only: just the stacked-erasure specificity curve")
     ap.add_argument("--out", default="bench/results/erase.json")
     args = ap.parse_args()
-    if args.arch == "sd15":
-        from studio.demo_model import build_demo_pipeline
-
-        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        manager = PipelineManager.from_pipeline(build_demo_pipeline(arch="sd15").to(device, dtype), "random SD-1.5")
-    else:
-        manager = PipelineManager("builtin", device=args.device)
+    manager = bench_manager(args.arch, args.device)
     results = {"model": manager.describe(), "device": str(manager.pipe.device), "threads": torch.get_num_threads(),
                "cpus": os.cpu_count(), "speed": speed(manager, "red")}
     print(f"{'model':<34}{'studio erase':>14}{'reference UCE':>15}{'undo':>10}{'memory first→last':>22}")
@@ -159,10 +145,7 @@ def main() -> None:
         results["quality"] = stacked(manager, args.seeds)
     elif args.quality:
         results["quality"] = quality(manager, args.seeds)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print("wrote", out)
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

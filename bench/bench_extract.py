@@ -11,7 +11,6 @@ table and writes JSON (bench/results/extract.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import write_json  # noqa: E402
 from studio.customize.images import TrainingImage, to_tensor  # noqa: E402
 from studio.extract.break_a_scene import extract_concepts  # noqa: E402
 from studio.extract.evaluate import evaluate_extraction  # noqa: E402
@@ -64,10 +64,7 @@ def main() -> None:
         for token, v in r["tokens"].items():
             print(f"{scene.caption[:43]:<44}{token:<7}{v['shape_rate']:>7.0%}{v['colour_rate']:>8.0%}"
                   f"{v['acc1']:>7.0%}{r['scene_rate']:>7.0%}{seconds:>9.0f}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print("wrote", out)
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

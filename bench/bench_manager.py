@@ -22,18 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from studio.demo_model import build_demo_pipeline  # noqa: E402
+from common import random_manager, sync  # noqa: E402
 from studio.generation import GenerationRequest  # noqa: E402
 from studio.layer_scale import scale_edit  # noqa: E402
 from studio.loading import resolve_device, resolve_dtype  # noqa: E402
 from studio.manager import PipelineManager  # noqa: E402
 
 KV = r"attn2\.to_[kv]\.weight"
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device, repeats):
@@ -71,9 +66,8 @@ def main() -> None:
         pipe = manager.pipe
     else:
         arch = args.arch or ("sd15" if device.type == "cuda" else "tiny")
-        pipe = build_demo_pipeline(arch=arch).to(device=device, dtype=dtype)
-        pipe.set_progress_bar_config(disable=True)
-        manager = PipelineManager.from_pipeline(pipe, f"random {arch}")
+        manager = random_manager(arch, device)
+        pipe = manager.pipe
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     req = GenerationRequest("a photo of a red circle on the left", seed=0, steps=args.steps, width=size, height=size)
     latents, _ = req.validated(pipe).noise(pipe)
