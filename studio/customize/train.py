@@ -303,7 +303,6 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         latents = encode_images(pipe, images, flip)
         captions = [img.caption for img in images] * (2 if flip else 1)
-        prior = None
         if prior_weight or cut_mix:
             prior, prior_texts = prior_latents(manager, prior_prompts, prior_images, seed)
         if cut_mix:
@@ -311,8 +310,6 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
             pixels, texts = composites(pipe, images, prior, prior_texts, count, gen)
             latents = torch.cat([latents, encode_images(pipe, pixels, False)])
             captions += texts
-        if not prior_weight:
-            prior = None
         init_features = None
         if cross_init and class_word:
             init_features = init.detach().float().to(device)
@@ -326,7 +323,7 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
                 pick = torch.randint(0, len(latents), (batch,), generator=gen)
                 x0 = latents[pick].to(device)
                 texts = [expand(pipe, fill(captions[i] or rng.choice(templates), token)) for i in pick.tolist()]
-                if prior is not None:
+                if prior_weight:
                     which = torch.randint(0, len(prior), (batch,), generator=gen)
                     x0 = torch.cat([x0, prior[which].to(device)])
                     texts += [prior_texts[i] for i in which.tolist()]
@@ -337,7 +334,7 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
                     pred = unet(scheduler.add_noise(x0, noise, t).to(unet.dtype), t, encoder_hidden_states=cond).sample
                 err = (pred.float() - _target(scheduler, x0, noise, t)) ** 2
                 loss = err[:batch].mean()
-                if prior is not None:
+                if prior_weight:
                     loss = loss + prior_weight * err[batch:].mean()
                 if semantic_weight:
                     loss = loss + semantic_weight * semantic_loss(pipe, token, class_word, texts[:batch])
