@@ -87,29 +87,33 @@ def install_tokens(pipe, token: str, vectors: torch.Tensor, patch) -> list[int]:
     return ids
 
 
-def weight_delta(tensors: dict, name: str, shape) -> torch.Tensor | None:
-    """The fp32 change of weight `name` stored in `tensors` (LoRA product or full delta), or None."""
+def factors(tensors: dict, name: str, shape) -> tuple | None:
+    """The change of weight `name` as a layer applies it: (A, B) of a LoRA (conv: A carries the kernel, B is
+    a 1x1 conv), or (delta,) shaped like the weight; None when the concept does not change it."""
     if f"{name}.delta" in tensors:
         delta = tensors[f"{name}.delta"].float()
+        size = delta.numel()
     elif f"{name}.lora_A" in tensors:
         a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
-        delta = b.flatten(1) @ a.flatten(1)
+        size = b.shape[0] * a.flatten(1).shape[1] if len(a) == b.flatten(1).shape[1] else -1
     else:
         return None
-    if delta.numel() != math.prod(shape):
-        raise StudioError(f"{name}: the concept's change has {delta.numel()} values, the weight {tuple(shape)} "
-                          "(it was learned on another architecture)")
-    return delta.reshape(shape)
-
-
-def factors(tensors: dict, name: str, shape) -> tuple:
-    """The change of weight `name` as the layer applies it: (A, B) of a LoRA, or (delta,) shaped like the weight."""
-    if f"{name}.lora_A" not in tensors:
-        return (tensors[f"{name}.delta"].float().reshape(shape),)
-    a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
-    if len(shape) == 4:  # conv: A carries the kernel, B is a 1x1 conv
+    if size != math.prod(shape):
+        raise StudioError(f"{name}: the concept's change does not fit the weight {tuple(shape)} (it was learned on "
+                          "another architecture)")
+    if f"{name}.delta" in tensors:
+        return (delta.reshape(shape),)
+    if len(shape) == 4:
         return a.reshape(len(a), *shape[1:]), b.reshape(len(b), -1, 1, 1)
     return a.flatten(1), b.flatten(1)
+
+
+def weight_delta(tensors: dict, name: str, shape) -> torch.Tensor | None:
+    """The fp32 change of weight `name` stored in `tensors` (LoRA product or full delta), or None."""
+    f = factors(tensors, name, shape)
+    if f is None or len(f) == 1:
+        return None if f is None else f[0]
+    return (f[1].flatten(1) @ f[0].flatten(1)).reshape(shape)
 
 
 def scope_of(params: dict) -> str:
@@ -174,13 +178,13 @@ def apply_learned_concept(pipe, params: dict, tensors: dict, patch) -> None:
     scoped = {}
     for name in params.get("modules", []):
         w = patch.read(name)
-        delta = weight_delta(tensors, name, w.shape)
-        if delta is None:
+        change = factors(tensors, name, w.shape)
+        if change is None:
             raise StudioError(f"this concept lacks the change of {name}: it is damaged; train or import it again")
         if scope_of(params) == "prompt" and name.startswith("unet."):
-            scoped[name] = factors(tensors, name, w.shape)
+            scoped[name] = change
         else:
-            patch.write(name, w.float() + strength * delta.to(w.device))
+            patch.write(name, w.float() + strength * weight_delta(tensors, name, w.shape).to(w.device))
     if scoped:
         from .scope import install_scoped
 
