@@ -166,3 +166,14 @@ def test_scope_can_be_changed_on_an_applied_concept_and_blocks_a_pipeline_export
     finally:
         toy.undo()
     assert toy.fingerprint() == base["fingerprint"]
+
+
+@pytest.mark.parametrize("scope", ["prompt", "always"])
+def test_a_change_that_does_not_fit_its_weight_is_refused_and_nothing_changes(toy, base, scope):
+    good = lora_concept(toy.pipe, scope=scope)
+    tensors = dict(good.tensors)
+    tensors[f"{LINEAR}.lora_A"] = tensors[f"{LINEAR}.lora_A"][:, :-1]  # one input column short
+    before = len(toy.history())
+    with pytest.raises(StudioError, match="does not fit the weight"):
+        toy.apply(Edit(good.kind, good.params, tensors, label=good.label))
+    assert len(toy.history()) == before and toy.fingerprint() == base["fingerprint"]
