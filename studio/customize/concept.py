@@ -92,13 +92,13 @@ def factors(tensors: dict, name: str, shape) -> tuple | None:
     a 1x1 conv), or (delta,) shaped like the weight; None when the concept does not change it."""
     if f"{name}.delta" in tensors:
         delta = tensors[f"{name}.delta"].float()
-        size = delta.numel()
+        fits = delta.numel() == math.prod(shape)
     elif f"{name}.lora_A" in tensors:
         a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
-        size = b.shape[0] * a.flatten(1).shape[1] if len(a) == b.flatten(1).shape[1] else -1
+        fits = len(a) == b.flatten(1).shape[1] and b.shape[0] * a[0].numel() == math.prod(shape)
     else:
         return None
-    if size != math.prod(shape):
+    if not fits:
         raise StudioError(f"{name}: the concept's change does not fit the weight {tuple(shape)} (it was learned on "
                           "another architecture)")
     if f"{name}.delta" in tensors:
@@ -108,12 +108,15 @@ def factors(tensors: dict, name: str, shape) -> tuple | None:
     return a.flatten(1), b.flatten(1)
 
 
+def full_change(change: tuple, shape) -> torch.Tensor:
+    """The weight-shaped change of `factors`' result: the delta itself, or B·A of a LoRA."""
+    return change[0] if len(change) == 1 else (change[1].flatten(1) @ change[0].flatten(1)).reshape(shape)
+
+
 def weight_delta(tensors: dict, name: str, shape) -> torch.Tensor | None:
     """The fp32 change of weight `name` stored in `tensors` (LoRA product or full delta), or None."""
-    f = factors(tensors, name, shape)
-    if f is None or len(f) == 1:
-        return None if f is None else f[0]
-    return (f[1].flatten(1) @ f[0].flatten(1)).reshape(shape)
+    change = factors(tensors, name, shape)
+    return None if change is None else full_change(change, shape)
 
 
 def scope_of(params: dict) -> str:
@@ -184,7 +187,7 @@ def apply_learned_concept(pipe, params: dict, tensors: dict, patch) -> None:
         if scope_of(params) == "prompt" and name.startswith("unet."):
             scoped[name] = change
         else:
-            patch.write(name, w.float() + strength * weight_delta(tensors, name, w.shape).to(w.device))
+            patch.write(name, w.float() + strength * full_change(change, w.shape).to(w.device))
     if scoped:
         from .scope import install_scoped
 
