@@ -130,8 +130,9 @@ def both_rate(manager, prompt: str, seeds: int) -> dict:
     from studio.toyworld.evaluate import bundled_oracle
 
     oracle = bundled_oracle()
-    shapes = [{r.shape for r in oracle.read(im)}
-              for im in manager.generate(GenerationRequest(prompt, seed=0, batch=seeds)).images]
+    images = [im for start in range(0, seeds, 16)
+              for im in manager.generate(GenerationRequest(prompt, seed=start, batch=min(16, seeds - start))).images]
+    shapes = [{r.shape for r in oracle.read(im)} for im in images]
     return {"both": float(np.mean([{"heart", "cross"} <= s for s in shapes])),
             "heart": float(np.mean(["heart" in s for s in shapes])),
             "cross": float(np.mean(["cross" in s for s in shapes]))}
@@ -165,6 +166,9 @@ def quality(manager, seeds: int, settings: dict) -> dict:
     comp = {"both concepts applied (summed)": both_rate(manager, prompt, seeds)}
     manager.apply(compose.region_edit(halves))
     comp["region-aware sampling"] = both_rate(manager, prompt, seeds)
+    manager.undo()
+    manager.apply(compose.region_edit(halves, collage=0.2))
+    comp["regions by collage (redraw 0.2)"] = both_rate(manager, prompt, seeds)
     manager.undo()
     manager.apply(compose.t2i_zero_edit(["<heart>", "<cross>"]))
     comp["T2I-Zero correction"] = both_rate(manager, prompt, seeds)

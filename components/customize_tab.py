@@ -141,9 +141,13 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                                   file_count="multiple", file_types=[".safetensors", ".pt", ".bin"])
                 import_token = gr.Textbox(label="Token for an imported embedding (blank: from the file)")
                 import_btn = gr.Button("Import and apply", size="sm")
-            with gr.Accordion("Regions: each concept's words attend only inside its painted area", open=False):
+            with gr.Accordion("Regions: each concept in its painted area", open=False):
                 region_words = [gr.Textbox(label=f"Words painted in {n}", value=v) for n, v in
                                 zip(PAINT_NAMES, ("red circle", "blue square", "") if toy else ("", "", ""))]
+                collage = slider(0, 1, value=0.2 if toy else 0.0, step=0.05,
+                                 label="Collage: draw each region's words alone, place them in their areas, then "
+                                       "redraw this share of the steps with the full prompt, each area with only "
+                                       "its own concepts (0: only mask attention)")
                 canvas = gr.ImageEditor(value=blank_canvas(), type="numpy", image_mode="RGBA", canvas_size=(256, 256),
                                         brush=gr.Brush(colors=list(PAINT_COLOURS), color_mode="fixed",
                                                        default_size=24), label="Paint regions (image frame)")
@@ -191,10 +195,10 @@ def build(manager: PipelineManager) -> SimpleNamespace:
         return f"Composed: **{entry.edit.title}** (the concepts' own entries are switched off, not deleted)."
 
     @user_errors
-    def on_regions(drawing, *words):
+    def on_regions(drawing, collage_, *words):
         from studio.customize.compose import region_edit
 
-        entry = manager.apply(region_edit(regions_from_drawing(drawing, list(words))))
+        entry = manager.apply(region_edit(regions_from_drawing(drawing, list(words)), collage=float(collage_)))
         return f"Applied: **{entry.edit.title}**. Undo it from the History to sample without regions."
 
     @user_errors
@@ -229,7 +233,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
               set_strength.click(on_strength, [concepts, strength], status, api_name="concept_strength", **GPU),
               set_scope.click(on_scope, [concepts, scope], status, api_name="concept_scope", **GPU),
               compose.click(on_compose, [concepts, how, weights], status, api_name="compose", **GPU),
-              apply_regions.click(on_regions, [canvas, *region_words], status, api_name="regions", **GPU),
+              apply_regions.click(on_regions, [canvas, collage, *region_words], status, api_name="regions", **GPU),
               apply_zero.click(on_zero, zero_words, status, api_name="t2i_zero", **GPU),
               import_btn.click(on_import, [imports, import_token, scope], status, api_name="concept_import", **GPU)]
     export_btn.click(on_export, [concepts, formats, export_rank], [exported, status], api_name="concept_export", **GPU)

@@ -80,8 +80,28 @@ def _manager(args, history_dir=None):
     return m
 
 
+def _regions(specs: list[str]) -> list[tuple[str, list[float]]]:
+    """--region 'WORDS=x0,y0,x1,y1' values as (words, box)."""
+    out = []
+    for spec in specs:
+        words, _, box = spec.rpartition("=")
+        try:
+            out.append((words, [float(v) for v in box.split(",")]))
+        except ValueError:
+            words = ""
+        if not words:
+            raise StudioError(f"--region takes WORDS=x0,y0,x1,y1, e.g. '<heart>=0,0,0.5,1' (got {spec!r})")
+    return out
+
+
 def _cmd_generate(args) -> None:
     m = _manager(args)
+    if args.region:
+        from .customize.compose import region_edit
+
+        print(m.apply(region_edit(_regions(args.region), collage=args.collage)).edit.title, file=sys.stderr)
+    elif args.collage:
+        raise StudioError("--collage needs --region boxes: say where each concept goes")
     request = GenerationRequest(args.prompt, args.negative, args.seed, args.steps, args.guidance,
                                 args.width, args.height, args.batch, args.sampler)
     out = Path(args.out)
@@ -127,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             _generate_args(g)
             g.add_argument("--out", default="outputs", help="folder for the PNGs")
             g.add_argument("--compare", action="store_true", help="also render without the last edit (before/after)")
+            g.add_argument("--region", action="append", default=[], metavar="WORDS=X0,Y0,X1,Y1",
+                           help="compose by regions: the prompt's WORDS go in this box (fractions of the image); "
+                                "repeatable, one per concept")
+            g.add_argument("--collage", type=float, default=0.0, metavar="SHARE",
+                           help="with --region: draw each region's words alone, place them in their boxes, then "
+                                "redraw this share of the steps with the full prompt (0: attention masking only; "
+                                "0.2 on the toy model)")
             s = sub.add_parser("scale", parents=[_model_args()], help="scale matching weights, save as an edit file")
             s.add_argument("--pattern", required=True, help="regular expression on parameter names")
             s.add_argument("--factor", type=float, required=True)

@@ -75,6 +75,9 @@ def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
 
 
+_ABSENT = object()
+
+
 class Patch:
     """What one applied edit changed, with everything needed to undo and redo it exactly."""
 
@@ -105,8 +108,9 @@ class Patch:
             live.copy_(value)
 
     def set_attr(self, obj: Any, attr: str, value: Any) -> None:
-        """Swap an attribute (module, processor, tokenizer); undo puts the old object back."""
-        self._swaps.append((obj, attr, getattr(obj, attr), value))
+        """Swap an attribute (module, processor, tokenizer); undo puts the old object back (or removes an
+        attribute that was not there)."""
+        self._swaps.append((obj, attr, getattr(obj, attr, _ABSENT), value))
         setattr(obj, attr, value)
 
     def seal(self) -> None:
@@ -118,7 +122,7 @@ class Patch:
             for name, original in self.originals.items():
                 self._live[name].copy_(original)
         for obj, attr, old, _ in reversed(self._swaps):
-            setattr(obj, attr, old)
+            delattr(obj, attr) if old is _ABSENT else setattr(obj, attr, old)
 
     def redo(self) -> None:
         for obj, attr, _, new in self._swaps:

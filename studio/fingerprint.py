@@ -31,6 +31,8 @@ def _hook_signature(pipe) -> list[str]:
             processor = getattr(m, "processor", None)
             if processor is not None:
                 hooks.append(processor)
+            if hasattr(vars(m).get("forward"), "fingerprint"):  # a forward swapped in by an edit
+                hooks.append(m.forward)
             for h in hooks:
                 sig.append(f"{c}.{name}:{getattr(h, 'fingerprint', lambda: type(h).__qualname__)()}")
     return sig

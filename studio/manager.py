@@ -322,12 +322,16 @@ class PipelineManager:
             with install(self.pipe.unet, session), self.sampling_hooks(session):
                 yield session
 
+    def _hooks(self, pipe) -> tuple:
+        """The block's hooks, then those an applied edit installed (pipe.sampling_hooks)."""
+        return self._sampling_hooks + tuple(getattr(pipe, "sampling_hooks", ()))
+
     def _hooks_start(self, pipe, request, latents):
-        for hook in self._sampling_hooks:
+        for hook in self._hooks(pipe):
             latents = hook.start(pipe, request, latents)
         return latents
 
     def _hooks_step_end(self, pipe, i, t, kwargs):
-        for hook in self._sampling_hooks:
+        for hook in self._hooks(pipe):
             kwargs = hook.step_end(pipe, i, t, kwargs)
         return kwargs

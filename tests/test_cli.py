@@ -52,6 +52,17 @@ def test_cli_customize_trains_saves_exports_and_imports_exactly(tmp_path, capsys
                               np.asarray(Image.open(out / "imported" / f"concept-0-{j}.png")))
 
 
+def test_cli_composes_by_regions_with_a_collage(tmp_path, capsys):
+    assert main(["generate", "--prompt", "a red circle and a blue square", "--steps", "10", "--region",
+                 "red circle=0,0,0.5,1", "--region", "blue square=0.5,0,1,1", "--collage", "0.2",
+                 "--out", str(tmp_path)]) == 0
+    assert "collage redrawn 20%" in capsys.readouterr().err
+    image = np.asarray(Image.open(tmp_path / "seed0.png")).astype(int)
+    red = np.abs(image - [214, 39, 40]).sum(-1) < 90
+    blue = np.abs(image - [31, 90, 220]).sum(-1) < 90
+    assert red[:, :24].sum() > 30 > red[:, 40:].sum() and blue[:, 40:].sum() > 30 > blue[:, :24].sum()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["customize", "--toy-example", "heart"], "--token is required"),
     (["customize", "--token", "red", "--toy-example", "heart"], "already a word"),
@@ -59,6 +70,8 @@ def test_cli_customize_trains_saves_exports_and_imports_exactly(tmp_path, capsys
     (["--model", "model.ckpt"], "allow-pickle"),
     (["generate", "--prompt", "x", "--width", "63", "--out", "unused"], "multiple of 8"),
     (["--auth", "nopassword"], "user:password"),
+    (["generate", "--prompt", "x", "--region", "red 0,0,1,1", "--out", "unused"], "WORDS=x0,y0,x1,y1"),
+    (["generate", "--prompt", "x", "--collage", "0.2", "--out", "unused"], "needs --region"),
 ])
 def test_cli_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, message, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -18,7 +18,9 @@ from studio.customize.compose import (
     region_edit,
     t2i_zero_edit,
 )
+from studio.customize.collage import predicting
 from studio.customize.concept import base_signature, with_strength
+from studio.customize.scope import only, prompt_scopes
 from studio.customize.train import add_lora, kv_modules
 from studio.edits import Edit
 from studio.erase.text import encode
@@ -138,6 +140,60 @@ def test_region_masks_steer_only_the_conditional_rows_and_the_first_steps(toy, b
 def test_region_edit_refuses_bad_input(regions, until, message):
     with pytest.raises(StudioError, match=message):
         region_edit(regions, until=until)
+    with pytest.raises(StudioError, match="collage's share"):
+        region_edit([("red", (0, 0, 1, 1))], collage=1.5)
+
+
+@pytest.mark.parametrize("left, right", [("red circle", "blue square"), ("blue square", "red circle")])
+def test_collage_draws_each_regions_words_in_its_region_and_undoes_exactly(toy, base, left, right):
+    from studio.toyworld.evaluate import bundled_oracle
+
+    right_half = np.zeros((32, 32))
+    right_half[:, 16:] = 1  # a mask region
+    toy.apply(region_edit([(left, (0, 0, 0.5, 1)), (right, right_half)], collage=0.2))
+    images = [np.asarray(im) for im in toy.generate(GenerationRequest(PROMPT, seed=0, batch=2, steps=10)).images]
+    for im in images:
+        x = {w.split()[0]: colour_centre_x(im, w.split()[0]) for w in (left, right)}
+        assert x[left.split()[0]] < 28 and x[right.split()[0]] > 36
+        assert {"circle", "square"} <= {r.shape for r in bundled_oracle().read(im)}
+    assert_undone(toy, base)
+
+
+def test_a_region_pass_keeps_only_the_concepts_its_words_name(toy, base):
+    pipe = toy.pipe
+    for i, token in enumerate(("<aa>", "<bb>")):
+        c = concept(pipe, token, i + 1, kv="lora", scale=0.3)
+        toy.apply(Edit(c.kind, {**c.params, "scope": "prompt"}, c.tensors, label=c.label))
+    scopes = prompt_scopes(pipe)
+    assert [s.words for s in scopes] == [["<aa>"], ["<bb>"]]
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
+    with torch.no_grad():
+        context = torch.cat(pipe.encode_prompt("a <aa> and a <bb>", "cpu", 1, True)[::-1])  # both named
+        run = lambda: pipe.unet(x, t, context).sample  # noqa: E731
+        both = run()
+        with only(scopes, [scopes[0]]):
+            first = run()
+        with only(scopes, []):
+            neither = run()
+        assert not torch.equal(first, both) and not torch.equal(first, neither)
+        assert scopes[1].gate(2).all()  # named again after the block
+        toy.undo()
+        assert torch.equal(run(), first)  # only <aa> applied: exactly the pass that kept <aa>
+        toy.undo()
+        assert torch.equal(run(), neither)
+    assert toy.fingerprint() == base["fingerprint"]
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_held_steps_predict_exactly_the_collage(kind):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(prediction_type=kind)
+    g = torch.Generator().manual_seed(0)
+    x0, noise, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([700])
+    out = predicting(scheduler, scheduler.add_noise(x0, noise, t), t, x0)
+    want = {"epsilon": noise, "v_prediction": scheduler.get_velocity(x0, noise, t), "sample": x0}[kind]
+    assert torch.allclose(out, want, atol=1e-4)
 
 
 # -- (a) closed-form merge --------------------------------------------------------------------------

@@ -466,11 +466,15 @@ def install_processors(pipe, steering: Steering, patch) -> None:
 
 
 # -- (c) region-aware sampling ----------------------------------------------------------------------
-def region_edit(regions: list[tuple[str, object]], *, until: float = 0.5) -> Edit:
+def region_edit(regions: list[tuple[str, object]], *, until: float = 0.5, collage: float = 0.0) -> Edit:
     """Each (words, region): the words' tokens are attended only inside the region, a box (x0, y0, x1, y1)
     in fractions of the image or a 2-D mask of any size; `until`: the fraction of steps to steer (the
     layout is fixed early; on the toy model steering half the steps kept both objects more often than
-    steering all of them: 7/8 vs 6/8 images)."""
+    steering all of them: 7/8 vs 6/8 images).
+
+    `collage` > 0 composes by collage instead (see collage.py): each region's words are drawn alone and
+    placed in the region, then the full prompt redraws that share of the steps, each region with only its
+    own learned concepts."""
     if isinstance(regions, (str, bytes)) or not isinstance(regions, (list, tuple)):
         raise StudioError("regions are a list of (words, box or mask) pairs")
     specs, tensors = [], {}
@@ -490,15 +494,15 @@ def region_edit(regions: list[tuple[str, object]], *, until: float = 0.5) -> Edi
             mask = mask / mask.max()  # 0..255 masks
         specs.append(dict(words=words, mask=f"mask.{i}"))
         tensors[f"mask.{i}"] = mask
-    params = dict(regions=specs, until=until)
+    params = dict(regions=specs, until=until, **({"collage": collage} if collage else {}))
     check_regions(params, tensors)
-    steps = "" if until >= 1 else f", first {until:.0%} of steps"
+    how = (f", collage redrawn {collage:.0%}" if collage else "" if until >= 1 else f", first {until:.0%} of steps")
     return Edit("compose_regions", params, tensors,
-                label=f"regions {', '.join(repr(s['words']) for s in specs)}{steps}")
+                label=f"regions {', '.join(repr(s['words']) for s in specs)}{how}")
 
 
 def check_regions(params: dict, tensors: dict) -> None:
-    unknown = set(params) - {"regions", "until"}
+    unknown = set(params) - {"regions", "until", "collage"}
     if unknown:
         raise StudioError(f"unknown region parameter(s): {', '.join(sorted(unknown))}")
     specs = params.get("regions")
@@ -530,6 +534,7 @@ def check_regions(params: dict, tensors: dict) -> None:
                 raise StudioError(f"region {i + 1} ({words!r}): the mask is empty (or has negative or non-finite "
                                   "values): paint the area where the words belong")
     _number("the fraction of steps to steer", params.get("until", 1.0), 1e-9, 1)
+    _number("the collage's share of steps to redraw", params.get("collage", 0.0), 0, 1)
 
 
 def region_grid(spec: dict, mask: torch.Tensor | None, hw: tuple[int, int]) -> torch.Tensor:
@@ -576,7 +581,12 @@ class RegionSteering(Steering):
 @edit_kind("compose_regions")
 def apply_regions(pipe, params: dict, tensors: dict, patch) -> None:
     check_regions(params, tensors)
-    RegionSteering(pipe, params, tensors).install(patch)
+    if params.get("collage"):
+        from .collage import install_collage
+
+        install_collage(pipe, params, tensors, patch)
+    else:
+        RegionSteering(pipe, params, tensors).install(patch)
 
 
 # -- (d) Multi-Concept T2I-Zero ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ gate is per image.)
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -86,3 +87,26 @@ def install_scoped(pipe, params: dict, tensors: dict, changes: dict[str, tuple],
         table = OrderedDict(module._forward_hooks)
         table[id(hook)] = hook
         patch.set_attr(module, "_forward_hooks", table)
+
+
+def prompt_scopes(pipe) -> list[PromptScope]:
+    """The scopes of the concepts applied now, one per concept, in layer order."""
+    found = {}
+    for module in pipe.unet.modules():
+        for hook in module._forward_hooks.values():
+            if isinstance(hook, ScopedChange):
+                found.setdefault(id(hook.scope), hook.scope)
+    return list(found.values())
+
+
+@contextmanager
+def only(scopes: list[PromptScope], keep: list[PromptScope]):
+    """Inside the block, the concepts of `scopes` not in `keep` act on no image (as if unnamed)."""
+    muted = [(s, s.positions) for s in scopes if s.positions is not None and all(s is not k for k in keep)]
+    for s, rows in muted:
+        s.positions = [[[] for _ in row] for row in rows]
+    try:
+        yield
+    finally:
+        for s, rows in muted:
+            s.positions = rows
