@@ -161,7 +161,8 @@ class PipelineManager:
                     prompt=None if prompt_embeds is not None else r.prompt, prompt_embeds=prompt_embeds,
                     negative_prompt=r.negative_prompt or None, num_inference_steps=r.steps,
                     guidance_scale=r.guidance, height=r.height, width=r.width, num_images_per_prompt=r.batch,
-                    latents=self._hooks_start(pipe, r, latents).to(pipe.device, pipe.unet.dtype), generator=generators,
+                    latents=self._hooks_start(pipe, r, latents, progress).to(pipe.device, pipe.unet.dtype),
+                    generator=generators,
                     callback_on_step_end=on_step,
                 ).images
             except torch.cuda.OutOfMemoryError:
@@ -299,7 +300,8 @@ class PipelineManager:
 
     @contextmanager
     def sampling_hooks(self, *hooks):
-        """Call each hook's start(pipe, request, latents) -> latents before sampling and
+        """Call each hook's start(pipe, request, latents, tick) -> latents before sampling (tick(done, total)
+        checks for a stop and reports progress, for hooks that sample first) and
         step_end(pipe, i, t, callback_kwargs) -> callback_kwargs after every step of generate()."""
         with self.lock:
             before = self._sampling_hooks
@@ -326,9 +328,14 @@ class PipelineManager:
         """The block's hooks, then those an applied edit installed (pipe.sampling_hooks)."""
         return self._sampling_hooks + tuple(getattr(pipe, "sampling_hooks", ()))
 
-    def _hooks_start(self, pipe, request, latents):
+    def _hooks_start(self, pipe, request, latents, progress=None):
+        def tick(done: int, total: int) -> None:  # for hooks that sample before the generation starts
+            self.check_stop()
+            if progress:
+                progress(done, total)
+
         for hook in self._hooks(pipe):
-            latents = hook.start(pipe, request, latents)
+            latents = hook.start(pipe, request, latents, tick)
         return latents
 
     def _hooks_step_end(self, pipe, i, t, kwargs):

@@ -159,6 +159,22 @@ def test_collage_draws_each_regions_words_in_its_region_and_undoes_exactly(toy, 
     assert_undone(toy, base)
 
 
+def test_a_stop_while_the_regions_are_drawn_ends_the_job_and_leaves_the_model(toy, base):
+    from studio.errors import JobStopped
+
+    toy.apply(region_edit([("red circle", (0, 0, 0.5, 1)), ("blue square", (0.5, 0, 1, 1))], collage=0.2))
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        toy.request_stop()
+
+    with pytest.raises(JobStopped):
+        toy.generate(GenerationRequest(PROMPT, steps=4), progress)
+    assert seen == [1]  # at the first region's first step
+    assert_undone(toy, base)
+
+
 def test_a_region_pass_keeps_only_the_concepts_its_words_name(toy, base):
     pipe = toy.pipe
     for i, token in enumerate(("<aa>", "<bb>")):

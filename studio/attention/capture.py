@@ -170,7 +170,7 @@ class AttentionSession:
             self.cross.cfg_batches = cfg
             self.cross.negative = self.cross.negative and cfg  # no guidance: no negative half
 
-    def start(self, pipe, request, latents):
+    def start(self, pipe, request, latents, tick=None):
         self.begin(request.guidance > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None,
                    latents.shape[-2:])
         for p in self.plugins:

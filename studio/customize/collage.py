@@ -95,7 +95,7 @@ class Collage:
         return f"Collage[{self.signature}]"
 
     @torch.no_grad()
-    def start(self, pipe, request, latents):
+    def start(self, pipe, request, latents, tick=lambda done, total: None):
         self.plan = None
         words = [s["words"].strip() for s in self.specs]
         if not all(w.lower() in request.prompt.lower() for w in words):
@@ -109,7 +109,8 @@ class Collage:
             shots.append(pipe(prompt=prompt, negative_prompt=request.negative_prompt or None,
                               num_inference_steps=request.steps, guidance_scale=request.guidance, height=h, width=w,
                               num_images_per_prompt=request.batch, latents=noise.to(pipe.device, pipe.unet.dtype),
-                              generator=generators, output_type="np").images)
+                              generator=generators, output_type="np",
+                              callback_on_step_end=lambda _p, i, _t, kw: tick(i + 1, request.steps) or kw).images)
         boxes = [region_box(s, self.tensors.get(s.get("mask", "")), h, w) for s in self.specs]
         pictures, masks = [], []
         for i in range(request.batch):
