@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=400)
     ap.add_argument("--method", default="lora")
     ap.add_argument("--targets", default="attention+ff")
-    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0, help="training seed (the LoRA's random start, batches, noise)")
     ap.add_argument("--prior-weight", type=float, default=0.0, help="prior preservation on the known toy shapes")
     ap.add_argument("--cut-mix", type=float, default=0.5, help="share of Cut-Mix composites with prior images")

@@ -95,7 +95,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                     token_lr = number(label="Token learning rate (blank: default)", value=None)
                 with gr.Row():
                     batch = slider(1, 16, value=4, step=1, label="Batch")
-                    rank = slider(1, 64, value=4, step=1, label="LoRA rank")
+                    rank = slider(1, 64, value=16 if toy else 4, step=1, label="LoRA rank")
                     vectors = slider(1, 8, value=1, step=1, label="Vectors per token")
                 targets = gr.Dropdown(list(LORA_TARGETS), value="attention+ff" if toy else "attention",
                                       label="LoRA on")

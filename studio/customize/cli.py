@@ -27,8 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--token-lr", type=float, default=None)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--lora-targets", choices=list(LORA_TARGETS), default="attention")
+    p.add_argument("--rank", type=int, default=None, help="default: 16 with --toy-example, else 4")
+    p.add_argument("--lora-targets", choices=list(LORA_TARGETS), default=None,
+                   help="default: attention+ff with --toy-example, else attention")
     p.add_argument("--vectors", type=int, default=1)
     p.add_argument("--no-cross-init", action="store_true")
     p.add_argument("--semantic-weight", type=float, default=0.0, help="ClassDiffusion semantic preservation")
@@ -75,10 +76,11 @@ def command(args, manager) -> list[str]:
         args.prior_prompt = args.prior_prompt or toy_prior_prompts()
         args.prior_weight = 0.0 if args.prior_weight is None else args.prior_weight
         args.cut_mix = 0.5 if args.cut_mix is None else args.cut_mix
+        args.rank, args.lora_targets = args.rank or 16, args.lora_targets or "attention+ff"  # the measured setting
     images, notes = load_images(sources, resolution, captions)
     edit = train_concept(manager, images, args.token, method=args.method, class_word=args.class_word,
-                         steps=args.steps, lr=args.lr, token_lr=args.token_lr, batch=args.batch, rank=args.rank,
-                         lora_targets=args.lora_targets, vectors=args.vectors, cross_init=not args.no_cross_init,
+                         steps=args.steps, lr=args.lr, token_lr=args.token_lr, batch=args.batch, rank=args.rank or 4,
+                         lora_targets=args.lora_targets or "attention", vectors=args.vectors, cross_init=not args.no_cross_init,
                          semantic_weight=args.semantic_weight, prior_weight=args.prior_weight or 0.0,
                          prior_prompts=args.prior_prompt, prior_images=args.prior_images,
                          gradient_checkpointing=args.gradient_checkpointing, save_dir=args.save_dir,

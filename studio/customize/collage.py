@@ -138,7 +138,7 @@ class Collage:
         named = [[s for s in scopes if any(t.lower() in w.lower() for t in s.words)] for w in words]
         unnamed = [s for s in scopes if not any(s in n for n in named)]
         steps = len(self.pipe.scheduler.timesteps)
-        return dict(x0=x0, grid=grid, keep=[n + unnamed for n in named] + [unnamed],
+        return dict(x0=x0, grid=grid, scopes=scopes, keep=[n + unnamed for n in named] + [unnamed],
                     hold=round((1 - self.strength) * steps))
 
     def step_end(self, pipe, i, t, kwargs):
@@ -159,7 +159,7 @@ class Collage:
             passes = []
             contexts = [c[-len(sample):].to(encoder_hidden_states) for c in plan["context"]]
             for keep, context in zip(plan["keep"], contexts + [encoder_hidden_states]):
-                with only(prompt_scopes(self.pipe), keep):
+                with only(plan["scopes"], keep):
                     o = self.forward(sample, timestep, context, *args, **kwargs)
                 passes.append(o[0] if isinstance(o, tuple) else o.sample)
             grid = plan["grid"].to(sample).repeat(sample.shape[0] // len(plan["x0"]), 1, 1, 1)[:, :, None]
