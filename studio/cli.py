@@ -86,11 +86,12 @@ def _regions(specs: list[str]) -> list[tuple[str, list[float]]]:
     for spec in specs:
         words, _, box = spec.rpartition("=")
         try:
-            out.append((words, [float(v) for v in box.split(",")]))
+            values = [float(v) for v in box.split(",")]
         except ValueError:
-            words = ""
-        if not words:
+            values = []
+        if not words or not values:
             raise StudioError(f"--region takes WORDS=x0,y0,x1,y1, e.g. '<heart>=0,0,0.5,1' (got {spec!r})")
+        out.append((words, values))
     return out
 
 

@@ -103,8 +103,9 @@ class Collage:
         h, w = request.height, request.width
         prompts = [region_prompt(request.prompt, word) for word in words]
         shots = []
-        for r, prompt in enumerate(prompts):  # region r draws from the seeds + r * REGION_SEED_STEP
-            generators = [torch.Generator("cpu").manual_seed((s + r * REGION_SEED_STEP) % 2**32) for s in request.seeds]
+        for r, prompt in enumerate(prompts):
+            generators = [torch.Generator("cpu").manual_seed((s + r * REGION_SEED_STEP) % 2**32)
+                          for s in request.seeds]
             noise = torch.cat([torch.randn(latents[:1].shape, generator=g) for g in generators])
             shots.append(pipe(prompt=prompt, negative_prompt=request.negative_prompt or None,
                               num_inference_steps=request.steps, guidance_scale=request.guidance, height=h, width=w,
