@@ -78,3 +78,28 @@ def test_stream_job_relays_previews_progress_and_errors():
 
     with pytest.raises(ValueError, match="boom"):
         list(stream_job(failing))
+
+
+def test_customize_tab_composes_by_collage_from_painted_regions(served, tmp_path):
+    import numpy as np
+    from gradio_client import handle_file
+    from PIL import Image
+
+    manager, client = served
+    f0 = manager.fingerprint()
+    layer = np.zeros((256, 256, 4), np.uint8)
+    layer[:, :128], layer[:, 128:] = (224, 32, 32, 255), (32, 80, 224, 255)  # the red and blue brushes
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    Image.fromarray(np.full((256, 256, 3), 255, np.uint8)).save(tmp_path / "background.png")
+    canvas = {"background": handle_file(str(tmp_path / "background.png")),
+              "layers": [handle_file(str(tmp_path / "layer.png"))], "composite": None}
+    message = client.predict(canvas, 0.2, "red circle", "blue square", "", api_name="/regions")
+    assert "collage redrawn 20%" in message and manager.stack.position == 1
+    gallery, _ = client.predict("a red circle and a blue square", "", "0", 10, 7.5, 64, 64, 1, "DPM++ 2M",
+                                api_name="/generate")
+    image = np.asarray(Image.open(gallery[0]["image"]).convert("RGB")).astype(int)
+    red = np.abs(image - [214, 39, 40]).sum(-1) < 90
+    blue = np.abs(image - [31, 90, 220]).sum(-1) < 90
+    assert red[:, :24].sum() > 30 > red[:, 40:].sum() and blue[:, 40:].sum() > 30 > blue[:, :24].sum()
+    client.predict(api_name="/undo")
+    assert manager.fingerprint() == f0
