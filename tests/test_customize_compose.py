@@ -392,6 +392,7 @@ def test_compositions_survive_an_edit_file(toy, base, tmp_path):
     toy.apply(merge_edit(pipe, [concept(pipe, "<aa>", 1), concept(pipe, "<bb>", 2, kv="lora", vectors=2)]))
     toy.apply(region_edit([("<aa>", np.eye(8)), ("<bb>", (0.5, 0, 1, 1))]))
     toy.apply(t2i_zero_edit(["<aa>", "<bb>"]))
+    toy.apply(region_edit([("<aa>", (0, 0, 0.5, 1)), ("<bb>", (0.5, 0, 1, 1))], collage=0.2))
     state = toy.fingerprint()
     pipe.encode_prompt("a <aa> and a <bb>", "cpu", 1, True)  # learned tokens are found, "<bb>" as its 2 vectors
     steerings = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn2.processor.steerings
