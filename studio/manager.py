@@ -148,10 +148,13 @@ class PipelineManager:
             r = request.validated(pipe)
             latents, generators = r.noise(pipe)
 
-            def on_step(_pipe, i, _t, kwargs):
+            def tick(done: int, total: int) -> None:  # a stop ends the job here; progress is reported
                 self.check_stop()
                 if progress:
-                    progress(i + 1, r.steps)
+                    progress(done, total)
+
+            def on_step(_pipe, i, _t, kwargs):
+                tick(i + 1, r.steps)
                 return self._hooks_step_end(_pipe, i, _t, kwargs)
 
             start, scheduler = time.perf_counter(), pipe.scheduler
@@ -161,7 +164,7 @@ class PipelineManager:
                     prompt=None if prompt_embeds is not None else r.prompt, prompt_embeds=prompt_embeds,
                     negative_prompt=r.negative_prompt or None, num_inference_steps=r.steps,
                     guidance_scale=r.guidance, height=r.height, width=r.width, num_images_per_prompt=r.batch,
-                    latents=self._hooks_start(pipe, r, latents, progress).to(pipe.device, pipe.unet.dtype),
+                    latents=self._hooks_start(pipe, r, latents, tick).to(pipe.device, pipe.unet.dtype),
                     generator=generators,
                     callback_on_step_end=on_step,
                 ).images
@@ -328,12 +331,7 @@ class PipelineManager:
         """The block's hooks, then those an applied edit installed (pipe.sampling_hooks)."""
         return self._sampling_hooks + tuple(getattr(pipe, "sampling_hooks", ()))
 
-    def _hooks_start(self, pipe, request, latents, progress=None):
-        def tick(done: int, total: int) -> None:  # for hooks that sample before the generation starts
-            self.check_stop()
-            if progress:
-                progress(done, total)
-
+    def _hooks_start(self, pipe, request, latents, tick):
         for hook in self._hooks(pipe):
             latents = hook.start(pipe, request, latents, tick)
         return latents

@@ -15,12 +15,14 @@ region, and the redraw blends it in.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .compose import _signature, region_grid
 from .scope import only, prompt_scopes
 
 CUT_THRESHOLD = 40  # largest channel difference (0..255) from the border colour that still counts as background
@@ -70,12 +72,8 @@ def place(canvas: np.ndarray, image: np.ndarray, region: tuple[int, int, int, in
 
 
 def region_box(spec: dict, mask: torch.Tensor | None, height: int, width: int) -> tuple[int, int, int, int]:
-    """A region's bounding box in pixels: its box, or the box of its mask (resized to the image)."""
-    if "box" in spec:
-        x0, y0, x1, y1 = spec["box"]
-        return round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height)
-    m = F.interpolate(mask[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-    ys, xs = torch.nonzero(m >= 0.5 * m.max(), as_tuple=True)
+    """A region's bounding box in pixels (x0, y0, x1, y1), from the region as attention steering sees it."""
+    ys, xs = torch.nonzero(region_grid(spec, mask, (height, width)), as_tuple=True)
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
@@ -85,8 +83,6 @@ class Collage:
     words are not touched."""
 
     def __init__(self, pipe, params: dict, tensors: dict, forward):
-        from .compose import _signature
-
         self.pipe, self.specs, self.tensors, self.forward = pipe, params["regions"], tensors, forward
         self.strength, self.signature = float(params["collage"]), _signature(params, tensors)
         self.plan = None
@@ -104,33 +100,29 @@ class Collage:
         prompts = [region_prompt(request.prompt, word) for word in words]
         shots = []
         for r, prompt in enumerate(prompts):
-            generators = [torch.Generator("cpu").manual_seed((s + r * REGION_SEED_STEP) % 2**32)
-                          for s in request.seeds]
-            noise = torch.cat([torch.randn(latents[:1].shape, generator=g) for g in generators])
-            shots.append(pipe(prompt=prompt, negative_prompt=request.negative_prompt or None,
-                              num_inference_steps=request.steps, guidance_scale=request.guidance, height=h, width=w,
-                              num_images_per_prompt=request.batch, latents=noise.to(pipe.device, pipe.unet.dtype),
-                              generator=generators, output_type="np",
-                              callback_on_step_end=lambda _p, i, _t, kw: tick(i + 1, request.steps) or kw).images)
+            noise, generators = replace(request, seed=request.seed + r * REGION_SEED_STEP).noise(pipe)
+            shots.append(np.round(255 * pipe(
+                prompt=prompt, negative_prompt=request.negative_prompt or None, num_inference_steps=request.steps,
+                guidance_scale=request.guidance, height=h, width=w, num_images_per_prompt=request.batch,
+                latents=noise.to(pipe.device, pipe.unet.dtype), generator=generators, output_type="np",
+                callback_on_step_end=lambda _p, i, _t, kw: tick(i + 1, request.steps) or kw).images).astype(np.uint8))
         boxes = [region_box(s, self.tensors.get(s.get("mask", "")), h, w) for s in self.specs]
         pictures, masks = [], []
         for i in range(request.batch):
-            first = np.round(shots[0][i] * 255)
-            canvas = np.broadcast_to(border_colour(first), first.shape).astype(np.float32).copy()
-            masks.append(np.stack([place(canvas, np.round(shot[i] * 255).astype(np.uint8), box)
-                                   for shot, box in zip(shots, boxes)]))
+            canvas = np.broadcast_to(border_colour(shots[0][i]), shots[0][i].shape).astype(np.float32).copy()
+            masks.append(np.stack([place(canvas, shot[i], box) for shot, box in zip(shots, boxes)]))
             pictures.append(canvas)
-        self.plan = self.encode(np.stack(pictures), torch.from_numpy(np.stack(masks)), words)
         # each region's pass reads its own prompt (the one its picture was drawn with); [negative, prompt]
-        self.plan["context"] = [torch.cat(pipe.encode_prompt(p, pipe.device, request.batch, True,
-                                                             request.negative_prompt or None)[::-1])
-                                for p in prompts]
+        contexts = [torch.cat(pipe.encode_prompt(p, pipe.device, request.batch, True,
+                                                 request.negative_prompt or None)[::-1]) for p in prompts]
+        self.plan = self.encode(np.stack(pictures), torch.from_numpy(np.stack(masks)), words, contexts)
         return latents
 
-    def encode(self, pictures: np.ndarray, masks: torch.Tensor, words: list[str]) -> dict:
-        """The collage's latents, each region's pixels on the latent grid (grown by one cell, so the seams
-        are redrawn by the region's pass), and the concepts each pass keeps (its own, and those no region
-        names; the last pass, for the pixels outside every region, keeps only the latter)."""
+    def encode(self, pictures: np.ndarray, masks: torch.Tensor, words: list[str], contexts: list) -> dict:
+        """The plan of one generation: the collage's latents, each region's pixels on the latent grid (grown
+        by one cell, so the seams are redrawn by the region's pass), the concepts each pass keeps (its own,
+        and those no region names; the last pass, for the pixels outside every region, keeps only the
+        latter) and each region pass's prompt embeddings."""
         vae, f = self.pipe.vae, self.pipe.vae_scale_factor
         x = torch.from_numpy(pictures).permute(0, 3, 1, 2) / 127.5 - 1
         x0 = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
@@ -140,7 +132,7 @@ class Collage:
         unnamed = [s for s in scopes if not any(s in n for n in named)]
         steps = len(self.pipe.scheduler.timesteps)
         return dict(x0=x0, grid=grid, scopes=scopes, keep=[n + unnamed for n in named] + [unnamed],
-                    hold=round((1 - self.strength) * steps))
+                    hold=round((1 - self.strength) * steps), context=contexts)
 
     def step_end(self, pipe, i, t, kwargs):
         if i + 1 >= len(pipe.scheduler.timesteps):
@@ -153,9 +145,9 @@ class Collage:
         at = (ts == timestep.to(ts.device)).nonzero() if plan is not None else []
         if plan is None or not len(at) or sample.shape[0] % len(plan["x0"]):
             return self.forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
-        x0 = plan["x0"].to(sample).repeat(sample.shape[0] // len(plan["x0"]), 1, 1, 1)
+        rows = sample.shape[0] // len(plan["x0"])  # 2 under guidance: [negative, prompt]
         if int(at[0, 0]) < plan["hold"]:
-            out = predicting(self.pipe.scheduler, sample, timestep, x0)
+            out = predicting(self.pipe.scheduler, sample, timestep, plan["x0"].to(sample).repeat(rows, 1, 1, 1))
         else:
             passes = []
             contexts = [c[-len(sample):].to(encoder_hidden_states) for c in plan["context"]]
@@ -163,7 +155,7 @@ class Collage:
                 with only(plan["scopes"], keep):
                     o = self.forward(sample, timestep, context, *args, **kwargs)
                 passes.append(o[0] if isinstance(o, tuple) else o.sample)
-            grid = plan["grid"].to(sample).repeat(sample.shape[0] // len(plan["x0"]), 1, 1, 1)[:, :, None]
+            grid = plan["grid"].to(sample).repeat(rows, 1, 1, 1)[:, :, None]
             regions, rest = torch.stack(passes[:-1], 1), passes[-1]
             cover = grid.sum(1)
             out = torch.where(cover > 0, (regions * grid).sum(1) / cover.clamp(min=1e-6), rest)
