@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from studio.attention.any_image import image_maps  # noqa: E402
+from studio.attention.capture import capture  # noqa: E402
 from studio.attention.control import Control, default_scale_factor  # noqa: E402
 from studio.attention.maps import Selection, binarize, iou, normalize, word_maps  # noqa: E402
 from studio.attention.run import CaptureOptions, generate_with_maps  # noqa: E402
@@ -81,7 +82,7 @@ def bench_speed(manager, device, steps: int, repeats: int) -> dict:
 def bench_memory(manager, steps: int = 50) -> dict:
     measured = 2
     req = GenerationRequest(PROMPT, seed=0, steps=measured)
-    with manager.capture(per_step=True, tokens=sequence_length(manager.pipe.tokenizer, PROMPT)) as session:
+    with capture(manager, per_step=True, tokens=sequence_length(manager.pipe.tokenizer, PROMPT)) as session:
         manager.generate(req)
     per_step = session.cross.step_bytes() / measured
     layers = {n: tuple(v[0].shape) for n, v in session.cross.steps.items()}

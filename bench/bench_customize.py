@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import bench_manager, peak_mb, sync, write_json  # noqa: E402
 from studio.customize.images import load_images  # noqa: E402
-from studio.customize.library import toy_examples  # noqa: E402
 from studio.customize.train import METHODS, train_concept  # noqa: E402
 from studio.generation import GenerationRequest  # noqa: E402
+from studio.toyworld.presets import toy_examples, toy_prior_prompts, toy_reg_prompts  # noqa: E402
 from studio.toyworld.scenes import COLOURS  # noqa: E402
 
 
@@ -141,7 +141,7 @@ def both_rate(manager, prompt: str, seeds: int) -> dict:
 def quality(manager, seeds: int, settings: dict) -> dict:
     """The bars, with both concepts trained by train_concept(**settings)."""
     from studio.customize import compose
-    from studio.customize.library import compose as compose_applied, set_strength, toy_prior_prompts
+    from studio.customize.library import compose as compose_applied, set_strength
     from studio.toyworld.evaluate import score, single_prompts
 
     kw = dict(settings, prior_prompts=toy_prior_prompts())
@@ -176,7 +176,7 @@ def quality(manager, seeds: int, settings: dict) -> dict:
     idx = [heart, cross]
     for how in ("merge", "adapters"):
         here = manager.stack.position
-        compose_applied(manager, idx, how)
+        compose_applied(manager, idx, how, reg_prompts=toy_reg_prompts())
         comp[f"closed-form {how}" if how == "merge" else "weighted adapters (1, 1)"] = both_rate(manager, prompt, seeds)
         manager.apply(compose.region_edit(halves))
         comp[f"{how} + regions"] = both_rate(manager, prompt, seeds)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import bench_manager, peak_mb, sync, write_json  # noqa: E402
 from studio.edits import find_tensor  # noqa: E402
 from studio.erase.closed_form import check_params, edited_layers, erase_edit, erase_sets  # noqa: E402
-from studio.erase.report import erasure_report  # noqa: E402
+from studio.toyworld.presets import erasure_report  # noqa: E402
 from studio.toyworld.scenes import COLOURS, POSITION_PHRASES, SHAPES, STYLES  # noqa: E402
 
 PRESERVE = [f"{st} {c} {s} {pos}" for st in STYLES for c in COLOURS for s in SHAPES for pos in POSITION_PHRASES][:100]

@@ -27,6 +27,7 @@ from studio.extract.break_a_scene import extract_concepts  # noqa: E402
 from studio.extract.evaluate import evaluate_extraction  # noqa: E402
 from studio.extract.localize import find_concepts  # noqa: E402
 from studio.manager import PipelineManager  # noqa: E402
+from studio.toyworld.evaluate import bundled_oracle  # noqa: E402
 from studio.toyworld.scenes import make_scene  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         manager.apply(edit)
         concepts = [(o.shape, o.colour) for o in scene.objects]
-        r = evaluate_extraction(manager, ["<a>", "<b>"], concepts, seeds=args.seeds)
+        r = evaluate_extraction(manager, ["<a>", "<b>"], concepts, bundled_oracle(), seeds=args.seeds)
         manager.undo()
         r.update(caption=scene.caption, steps=edit.params["steps"], train_seconds=round(seconds, 1),
                  masks=args.masks, isolate=bool(args.isolate))

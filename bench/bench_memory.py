@@ -30,6 +30,7 @@ from studio.generation import GenerationRequest  # noqa: E402
 from studio.layer_scale import scale_edit  # noqa: E402
 from studio.loading import TOY_MODEL  # noqa: E402
 from studio.manager import PipelineManager  # noqa: E402
+from studio.toyworld import presets  # noqa: E402,F401  (the "toy" template preset)
 
 MiB = 2**20
 

@@ -10,6 +10,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from studio import models
 from studio.customize import library
 from studio.customize.formats import export_concept, import_concept
 from studio.customize.images import load_images
@@ -17,6 +18,7 @@ from studio.customize.scope import SCOPES
 from studio.customize.train import DEFAULTS, LORA_TARGETS, METHODS, train_concept
 from studio.errors import StudioError
 from studio.manager import PipelineManager
+from studio.toyworld import presets
 
 from .common import (GPU, PAINT_COLOURS, PAINT_NAMES, blank_canvas, number, painted_masks, slider, stream_job,
                      user_errors)
@@ -35,7 +37,7 @@ def train(manager: PipelineManager, files, token, class_word, method, steps, lr,
           scope, cut_mix, preview=None, progress=None) -> str:
     pipe = manager.pipe
     images, notes = load_images([getattr(f, "name", f) for f in files or []],
-                                pipe.unet.config.sample_size * pipe.vae_scale_factor)
+                                models.of(pipe).default_size)
     token = str(token or "").strip()
     prompts = [p.strip() for p in (preview_prompts or "").splitlines() if p.strip()]
     edit = train_concept(
@@ -109,7 +111,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                                  label="Cut-Mix: share of training pictures that pair a concept image with a prior "
                                        "image, side by side ('<token> and <prior prompt>'), so it composes")
                 prior_prompts = gr.Textbox(label="Prior prompts, one per line (blank: 'a <class word>')", lines=2,
-                                           value="\n".join(library.toy_prior_prompts()) if toy else "")
+                                           value="\n".join(presets.toy_prior_prompts()) if toy else "")
                 checkpointing = gr.Checkbox(value=False, label="Gradient checkpointing (less memory, slower)")
                 with gr.Row():
                     preview_every = slider(10, 500, value=100, step=10, label="Preview every N steps")
@@ -191,7 +193,8 @@ def build(manager: PipelineManager) -> SimpleNamespace:
         from studio.customize import compose as methods  # noqa: F401 (registers the composition kinds)
 
         w = [float(x) for x in weights_.split(",") if x.strip()] or None
-        entry = library.compose(manager, selected or [], "merge" if how_.startswith("Closed") else "adapters", w)
+        entry = library.compose(manager, selected or [], "merge" if how_.startswith("Closed") else "adapters", w,
+                                presets.toy_reg_prompts() if toy else None)
         return f"Composed: **{entry.edit.title}** (the concepts' own entries are switched off, not deleted)."
 
     @user_errors
@@ -248,7 +251,7 @@ def toy_example_files() -> list[str]:
     """The toy world's held-out hearts written as images with caption files, for the file box."""
     folder = Path(tempfile.mkdtemp(prefix="toy-hearts-"))
     paths = []
-    for i, (image, caption) in enumerate(library.toy_examples("heart")):
+    for i, (image, caption) in enumerate(presets.toy_examples("heart")):
         path = folder / f"heart-{i}.png"
         Image.fromarray(image).save(path)
         path.with_suffix(".txt").write_text(caption)

@@ -12,11 +12,10 @@ from studio.erase.closed_form import DEFAULTS as CF
 from studio.erase.closed_form import erase_edit
 from studio.erase.guard import DEFAULTS as GUARD
 from studio.erase.guard import guard_edit
-from studio.erase.report import erasure_report
 from studio.errors import StudioError
 from studio.lora_export import export_lora, export_pipeline
 from studio.manager import PipelineManager
-from studio.toyworld import concepts as toy_concepts
+from studio.toyworld.presets import erasure_report, is_toy, toy_captions
 
 from .common import GPU, number, progress_reporter, slider, stream_job, user_errors
 
@@ -46,8 +45,8 @@ def erase(manager: PipelineManager, method, concepts, guide, preserve, templates
         if len(erase_list) > 1:
             raise StudioError("the fine-tuned method erases one concept at a time: stack several edits")
         captions = [c.strip() for c in (captions or "").splitlines() if c.strip()]
-        if not captions and manager.info.kind == "builtin-toy":
-            captions = [t.format(erase_list[0]) for t in toy_concepts.templates(erase_list[0])]
+        if not captions and is_toy(manager):
+            captions = toy_captions(erase_list[0])
         edit = esd.train_esd(manager, erase_list[0], method=esd_method, rank=int(rank), steps=int(steps),
                              lr=float(lr) if lr else None, eta=float(eta), concept_prompts=captions or None,
                              progress=progress,

@@ -7,13 +7,15 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from studio.attention.any_image import open_image
+from studio import models
 from studio.customize.images import TrainingImage, to_tensor
 from studio.errors import StudioError
 from studio.extract.break_a_scene import DEFAULTS, extract_concepts
 from studio.extract.evaluate import evaluate_extraction, table
-from studio.extract.localize import check_masks, find_concepts, fit_mask, prepare_image
+from studio.extract.localize import check_masks, find_concepts, prepare_image
+from studio.images import fit_mask, load_rgb
 from studio.manager import PipelineManager
+from studio.toyworld.evaluate import bundled_oracle
 
 from .common import (GPU, PAINT_COLOURS, PAINT_NAMES, blank_canvas, number, painted_masks, slider, stream_job,
                      user_errors)
@@ -26,7 +28,7 @@ def model_image(manager: PipelineManager, image) -> tuple[np.ndarray, list[str]]
     if image is None:
         raise StudioError("upload an image first")
     pipe = manager.pipe
-    return prepare_image(image, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    return prepare_image(image, models.of(pipe).default_size)
 
 
 def annotated(image: np.ndarray, masks: list[np.ndarray]):
@@ -53,7 +55,7 @@ def extract(manager: PipelineManager, image, masks, tokens, steps_tokens, steps_
     if manager.info.kind == "builtin-toy":
         concepts = toy_concepts(picture, masks)
         if concepts:
-            rows = table(evaluate_extraction(manager, names, concepts, seeds=4))
+            rows = table(evaluate_extraction(manager, names, concepts, bundled_oracle(), seeds=4))
     else:
         notes.append("No oracle for this model: judge the previews (no CLIP model is available locally to score).")
     return "\n\n".join([message] + notes), rows
@@ -61,8 +63,6 @@ def extract(manager: PipelineManager, image, masks, tokens, steps_tokens, steps_
 
 def toy_concepts(picture: np.ndarray, masks: list[np.ndarray]) -> list[tuple[str, str]] | None:
     """(shape, colour) the oracle reads under each mask of a toy-world image (None if it cannot)."""
-    from studio.toyworld.evaluate import bundled_oracle
-
     readings = bundled_oracle().read(picture)
     out = []
     for m in masks:
@@ -141,7 +141,7 @@ def build(manager: PipelineManager, sam=None) -> SimpleNamespace:
     def on_segment(image_, clicked):
         if not clicked:
             raise StudioError("click on the objects first (each click adds a point to the chosen mask)")
-        picture = np.asarray(open_image(image_).convert("RGB"))
+        picture = np.asarray(load_rgb(image_)[0])
         found = []
         for i in sorted({c[0] for c in clicked}):
             pts = [(x, y) for j, x, y in clicked if j == i]

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from studio import models
 from studio.generation import MAX_BATCH, MAX_STEPS, SAMPLERS, GenerationRequest
 from studio.layer_scale import scale_edit
 from studio.manager import PipelineManager
@@ -34,7 +35,7 @@ def apply_scale(manager: PipelineManager, pattern: str, factor: float) -> str:
 
 
 def build(manager: PipelineManager) -> SimpleNamespace:
-    size = manager.pipe.unet.config.sample_size * manager.pipe.vae_scale_factor
+    size = models.of(manager.pipe).default_size
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", value="a red circle", lines=2)

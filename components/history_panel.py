@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from studio import steering
 from studio.manager import PipelineManager
 
 from .common import GPU, number, progress_reporter, user_errors
@@ -19,8 +20,10 @@ def history_view(manager: PipelineManager):
     """Rows of the stack and a one-line model state (description and fingerprint)."""
     rows = [[r["index"], r["edit"], r["kind"], r["params"], "✓" if r["applied"] else "undone"] for r in manager.history()]
     applied = manager.stack.position
+    acting = steering.describe(manager.pipe)
     state = (f"**Model:** {manager.describe()}  \n**State:** {applied} of {len(rows)} edits applied · "
-             f"fingerprint `{manager.fingerprint(cached=True)[:12]}`")
+             f"fingerprint `{manager.fingerprint(cached=True)[:12]}`"
+             + (f"  \n**Acting on every generation:** {'; '.join(acting)}" if acting else ""))
     return rows, state
 
 

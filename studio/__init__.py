@@ -3,6 +3,7 @@ from .edits import Edit, EditStack, Patch, edit_kind
 from .errors import EditError, JobStopped, StudioError
 from .generation import GenerationRequest
 from .manager import PipelineManager
+from . import kinds  # noqa: F401  (registers every edit kind, above the manager)
 
 __all__ = ["Edit", "EditStack", "Patch", "edit_kind", "EditError", "JobStopped", "StudioError",
            "GenerationRequest", "PipelineManager"]

@@ -55,18 +55,6 @@ def _serve_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative", default="")
-    p.add_argument("--seed", default="0")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--sampler", default="DPM++ 2M", choices=list(SAMPLERS))
-
-
 def _manager(args, history_dir=None):
     from .manager import PipelineManager
 
@@ -107,11 +95,7 @@ def _cmd_generate(args) -> None:
                                 args.width, args.height, args.batch, args.sampler)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.compare:
-        before, after = m.compare(request)
-        pairs = [("before", before), ("after", after)]
-    else:
-        pairs = [("", m.generate(request))]
+    pairs = zip(("before", "after"), m.compare(request)) if args.compare else [("", m.generate(request))]
     for tag, result in pairs:
         for w in result.warnings:
             print("warning:", w, file=sys.stderr)
@@ -145,7 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             p = argparse.ArgumentParser(prog="python -m studio")
             sub = p.add_subparsers(dest="command", required=True)
             g = sub.add_parser("generate", parents=[_model_args()], help="generate images to a folder")
-            _generate_args(g)
+            g.add_argument("--prompt", required=True)
+            g.add_argument("--negative", default="")
+            g.add_argument("--seed", default="0")
+            g.add_argument("--steps", type=int, default=20)
+            g.add_argument("--guidance", type=float, default=7.5)
+            g.add_argument("--width", type=int, default=None)
+            g.add_argument("--height", type=int, default=None)
+            g.add_argument("--batch", type=int, default=1)
+            g.add_argument("--sampler", default="DPM++ 2M", choices=list(SAMPLERS))
             g.add_argument("--out", default="outputs", help="folder for the PNGs")
             g.add_argument("--compare", action="store_true", help="also render without the last edit (before/after)")
             g.add_argument("--region", action="append", default=[], metavar="WORDS=X0,Y0,X1,Y1",
@@ -179,12 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                 {"generate": _cmd_generate, "scale": _cmd_scale, "history": _cmd_history}[args.command](args)
             return 0
         args = _serve_parser().parse_args(argv)
-        auth = None
-        if args.auth:
-            user, sep, password = args.auth.partition(":")
-            if not sep or not user or not password:
-                raise StudioError("--auth takes user:password")
-            auth = (user, password)
+        user, _, password = (args.auth or "").partition(":")
+        if args.auth and not (user and password):
+            raise StudioError("--auth takes user:password")
+        auth = (user, password) if args.auth else None
         sam = None
         if args.sam_checkpoint:
             from .extract.sam import SamMasks

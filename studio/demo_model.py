@@ -45,9 +45,7 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
 
 
 def build_demo_pipeline(seed: int = 0, arch: str = "tiny") -> StableDiffusionPipeline:
-    """A random-weight pipeline: "tiny" (the demo model, 64x64 images) or "sd15" (for benchmarks).
-
-    The same seed gives bit-identical weights."""
+    """A random-weight pipeline: "tiny" (the demo model, 64x64 images) or "sd15" (for benchmarks)."""
     text_config, unet_config, vae_config = ARCHITECTURES[arch]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -8,13 +8,13 @@ of the same architecture (the closed forms are recomputed there, as SPM transfer
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .checks import write_atomically
 from .edits import Edit, Entry
 from .errors import StudioError
 from .fingerprint import tensor_digest
@@ -40,39 +40,37 @@ class EditFile:
 def save_edits(entries: list[Entry], path: str | Path, position: int | None = None, model: str = "") -> Path:
     """Save `entries`. A plain edit file holds applied edits; a saved history (`position` given)
     holds the whole stack, redo tail included, and may be empty."""
-    path = Path(path)
     if not entries and position is None:
         raise StudioError("there are no applied edits to save")
     tensors, records = {}, []
     for i, entry in enumerate(entries):
         e = entry.edit
-        for name, t in e.tensors.items():
-            tensors[f"{i}/{name}"] = t.detach().to("cpu").contiguous()
+        tensors.update({f"{i}/{name}": t for name, t in e.tensors.items()})
         records.append(dict(
             kind=e.kind, label=e.label, params=e.params, tensors=sorted(e.tensors),
             originals={n: tensor_digest(t) for n, t in entry.patch.originals.items()},
             results={n: tensor_digest(t) for n, t in entry.patch.results.items()},
         ))
-    meta = {"format": FORMAT, "version": str(VERSION), "edits": json.dumps(records), "model": model,
-            "position": str(len(entries) if position is None else position)}
-    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    return path
+    meta = {"format": FORMAT, "version": VERSION, "edits": json.dumps(records), "model": model,
+            "position": len(entries) if position is None else position}
+    return save_tensors(tensors, path, meta)
 
 
-def write_atomically(path: Path, write) -> None:
-    """Write beside `path`, flush to disk, then rename over it: a crash at any moment leaves
-    either the old file or the new one, never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
+def save_tensors(tensors: dict, path, metadata: dict | None = None) -> Path:
+    """Write tensors (CPU copies) and metadata (as text) as a .safetensors file, atomically: every file the
+    studio writes goes through here."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    metadata = {k: str(v) for k, v in (metadata or {}).items()}
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_tensors(path: Path) -> tuple[dict, dict]:
+    """(tensors by key, metadata) of a .safetensors file; a StudioError if it cannot be read."""
     try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise StudioError(f"{path.name} is not a readable safetensors file: {exc}") from None
 
 
 def load_edits(path: str | Path) -> list[SavedEdit]:
@@ -85,12 +83,7 @@ def load_edit_file(path: str | Path) -> EditFile:
         raise StudioError(f"edit file not found: {path}")
     if path.suffix != ".safetensors":
         raise StudioError(f"{path.name}: edit files are .safetensors files saved by Concept Studio")
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise StudioError(f"{path.name} is not a readable safetensors file: {exc}") from None
+    tensors, meta = read_tensors(path)
     if meta.get("format") != FORMAT:
         raise StudioError(f"{path.name} is a safetensors file but not a Concept Studio edit file")
     if int(meta.get("version", 0)) > VERSION:

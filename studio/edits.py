@@ -65,6 +65,21 @@ def find_tensor(pipe, name: str) -> torch.Tensor:
         raise StudioError(f"unknown tensor {name!r}: {component} has no parameter {rest!r}") from None
 
 
+def module_slot(pipe, name: str) -> tuple[Any, str, Any]:
+    """(parent, attribute, module) of the layer owning weight `name` ('unet.….to_k.weight')."""
+    component, _, rest = name.partition(".")
+    root = getattr(pipe, component, None) if component in COMPONENTS else None
+    if root is None or not rest.endswith(".weight"):
+        raise StudioError(f"{name!r} is not a layer weight of this pipeline")
+    path = rest.removesuffix(".weight")
+    parent_path, _, attr = path.rpartition(".")
+    try:
+        parent = root.get_submodule(parent_path)
+        return parent, attr, getattr(parent, attr)
+    except AttributeError:
+        raise StudioError(f"{name!r}: this model has no layer {path!r} (another architecture?)") from None
+
+
 def named_tensors(pipe) -> dict[str, torch.Tensor]:
     """Every parameter of the pipeline, keyed by its component-prefixed name."""
     return {f"{c}.{n}": p for c in COMPONENTS if getattr(pipe, c, None) is not None

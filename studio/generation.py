@@ -12,6 +12,8 @@ import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
+from .checks import number, whole
+from . import models
 from .errors import StudioError
 
 SAMPLERS = {
@@ -30,7 +32,7 @@ def parse_seed(seed) -> int:
     if seed is None or (isinstance(seed, str) and not seed.strip()):
         seed = -1
     try:
-        value = _int("seed", seed)
+        value = whole("seed", seed)
     except StudioError:
         value = None
     if value == -1:
@@ -55,24 +57,18 @@ class GenerationRequest:
 
     def validated(self, pipe) -> "GenerationRequest":
         """A copy with defaults filled in and every field checked; raises StudioError on bad input."""
-        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        multiple = max(8, pipe.vae_scale_factor)
+        model = models.of(pipe)
+        default, multiple = model.default_size, model.size_multiple
         r = GenerationRequest(str(self.prompt or ""), str(self.negative_prompt or ""), parse_seed(self.seed),
-                              _int("steps", self.steps), _num("guidance", self.guidance),
-                              _int("width", self.width or default), _int("height", self.height or default),
-                              _int("batch size", self.batch), self.sampler)
+                              whole("steps", self.steps, 1, MAX_STEPS), number("guidance", self.guidance, 0, 50),
+                              whole("width", self.width or default), whole("height", self.height or default),
+                              whole("batch size", self.batch, 1, MAX_BATCH), self.sampler)
         for side in ("width", "height"):
             v = getattr(r, side)
             if v % multiple:
                 raise StudioError(f"{side} {v} is not a multiple of {multiple}; try {max(multiple, round(v / multiple) * multiple)}")
             if not multiple <= v <= MAX_SIDE:
                 raise StudioError(f"{side} {v} is outside {multiple}..{MAX_SIDE}")
-        if not 1 <= r.steps <= MAX_STEPS:
-            raise StudioError(f"steps must be from 1 to {MAX_STEPS} (got {r.steps})")
-        if not 0 <= r.guidance <= 50:
-            raise StudioError(f"guidance must be from 0 to 50 (got {r.guidance})")
-        if not 1 <= r.batch <= MAX_BATCH:
-            raise StudioError(f"batch size must be from 1 to {MAX_BATCH} (got {r.batch})")
         if r.sampler not in SAMPLERS:
             raise StudioError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         r.warnings = [w for w in (prompt_overflow(pipe.tokenizer, r.prompt, "prompt"),
@@ -85,8 +81,7 @@ class GenerationRequest:
 
     def noise(self, pipe) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Initial latents (on CPU, fp32) and the per-image generators, continued for ancestral samplers."""
-        f = pipe.vae_scale_factor
-        shape = (1, pipe.unet.config.in_channels, self.height // f, self.width // f)
+        shape = (1, *models.of(pipe).latent_shape(self.height, self.width))
         gens = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
         return torch.cat([torch.randn(shape, generator=g) for g in gens]), gens
 
@@ -102,23 +97,3 @@ def prompt_overflow(tokenizer, text: str, what: str) -> str | None:
     kept = tokenizer.decode(ids[1 : limit - 1])
     return (f"The {what} is {len(ids) - 2} tokens; the model reads {limit - 2}. "
             f"It was truncated after: …{kept[-40:]!s}")
-
-
-def _int(name: str, v) -> int:
-    try:
-        f = float(v)
-        if f != int(f):
-            raise ValueError
-        return int(f)
-    except (TypeError, ValueError, OverflowError):
-        raise StudioError(f"{name} must be a whole number (got {v!r})") from None
-
-
-def _num(name: str, v) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise StudioError(f"{name} must be a number (got {v!r})") from None
-    if f != f or f in (float("inf"), float("-inf")):
-        raise StudioError(f"{name} must be a finite number (got {v!r})")
-    return f

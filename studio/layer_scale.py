@@ -13,20 +13,16 @@ from .errors import StudioError
 MAX_TENSORS = 512
 
 
-def matching_tensors(pipe, pattern: str) -> list[str]:
-    try:
-        rx = re.compile(pattern)
-    except re.error as exc:
-        raise StudioError(f"layer pattern {pattern!r} is not a valid regular expression: {exc}") from None
-    return [n for n in named_tensors(pipe) if rx.search(n)]
-
-
 @edit_kind("scale")
 def apply_scale(pipe, params: dict, tensors: dict, patch) -> None:
     pattern, factor = params.get("pattern", ""), params.get("factor")
     if not isinstance(factor, (int, float)) or factor != factor or abs(factor) > 1e4:
         raise StudioError(f"scale factor must be a finite number (got {factor!r})")
-    names = matching_tensors(pipe, pattern) if pattern else []
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise StudioError(f"layer pattern {pattern!r} is not a valid regular expression: {exc}") from None
+    names = [n for n in named_tensors(pipe) if rx.search(n)] if pattern else []
     if not names:
         raise StudioError(f"no parameter name matches {pattern!r} (try e.g. 'attn2\\.to_v\\.weight')")
     if len(names) > MAX_TENSORS:

@@ -87,10 +87,24 @@ def classify_source(source: str, allow_pickle: bool = False) -> str:
                       "checkpoint, or a hub id like 'owner/name'")
 
 
-def load_pipeline(source: str = BUILTIN, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False):
-    """Load a StableDiffusionPipeline onto the device; returns (pipe, ModelInfo)."""
-    from diffusers import StableDiffusionPipeline
+def family_for(source, kind: str):
+    """The model family that loads `source`: read from a diffusers folder's model_index.json; SD otherwise."""
+    from . import models
 
+    if kind != "folder":
+        return models.FAMILIES[0]
+    import json
+
+    name = json.loads((Path(source).expanduser() / "model_index.json").read_text()).get("_class_name", "")
+    for family in models.FAMILIES:
+        if name in family.pipeline_names:
+            return family
+    raise StudioError(f"{source} holds a {name or 'unnamed'} pipeline; the studio runs "
+                      f"{', '.join(f.title for f in models.FAMILIES)} models")
+
+
+def load_pipeline(source: str = BUILTIN, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False):
+    """Load a pipeline of a known model family onto the device; returns (pipe, ModelInfo)."""
     kind = classify_source(source, allow_pickle)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -99,12 +113,9 @@ def load_pipeline(source: str = BUILTIN, device: str = "auto", dtype: str = "aut
             from .demo_model import build_demo_pipeline
 
             pipe = build_demo_pipeline()
-        elif kind == "single-file":
-            pipe = StableDiffusionPipeline.from_single_file(source, load_safety_checker=False, dtype=dt)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                TOY_MODEL if kind == "builtin-toy" else source, safety_checker=None, requires_safety_checker=False,
-                dtype=dt)
+            where = TOY_MODEL if kind == "builtin-toy" else source
+            pipe = family_for(where, "folder" if kind == "builtin-toy" else kind).load(where, kind, dt)
     except StudioError:
         raise
     except Exception as exc:

@@ -25,14 +25,13 @@ from typing import Callable
 
 import torch
 
-from . import layer_scale  # noqa: F401  (registers the "scale" edit kind)
-from . import customize  # noqa: F401  (registers the learned-concept and composition edit kinds)
-from .erase import closed_form, esd, guard  # noqa: F401  (register the erasure edit kinds)
 from .edit_files import SavedEdit, load_edit_file, load_edits, save_edits
 from .edits import Edit, EditStack, Entry, find_tensor, toggled
 from .errors import JobStopped, StudioError
 from .fingerprint import fingerprint, tensor_digest
+from . import models, steering
 from .generation import SAMPLERS, GenerationRequest
+from .models import Conditioning
 from .loading import BUILTIN, ModelInfo, classify_source, load_pipeline
 
 Progress = Callable[[int, int], None]
@@ -68,6 +67,7 @@ class PipelineManager:
         self.restore_notes: list[str] = []  # what restoring the saved history did, for the UI and CLI
         self.lock = threading.RLock()
         self._stop = threading.Event()
+        self._depth = 0  # how many job() blocks the lock's holder is inside
         self._pipe = None
         self._stack: EditStack | None = None
         self.info: ModelInfo | None = None
@@ -125,13 +125,17 @@ class PipelineManager:
     # -- jobs ----------------------------------------------------------------------------
     @contextmanager
     def job(self):
-        """Hold the GPU lock for one job; a stop request made during the job ends it."""
+        """Hold the GPU lock for one job; a stop request made at any moment of the job ends it."""
         with self.lock:
-            self._stop.clear()
+            self._depth += 1
+            if self._depth == 1:  # only the outermost job clears the flag: nested jobs (a training
+                self._stop.clear()  # preview's generate) must not lose a stop meant for the whole job
             try:
                 yield
             finally:
-                self._stop.clear()
+                self._depth -= 1
+                if not self._depth:
+                    self._stop.clear()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -145,7 +149,7 @@ class PipelineManager:
         """Generate `request`; `prompt_embeds` (1, 77, d), if given, replaces the encoded prompt."""
         with self.job():
             pipe = self.pipe
-            r = request.validated(pipe)
+            model, r = models.of(pipe), request.validated(pipe)
             latents, generators = r.noise(pipe)
 
             def tick(done: int, total: int) -> None:  # a stop ends the job here; progress is reported
@@ -153,25 +157,20 @@ class PipelineManager:
                 if progress:
                     progress(done, total)
 
-            def on_step(_pipe, i, _t, kwargs):
+            def on_step(_pipe, i, t, kwargs):
                 tick(i + 1, r.steps)
-                return self._hooks_step_end(_pipe, i, _t, kwargs)
+                return steering.step_end(_pipe, i, t, kwargs)
 
-            start, scheduler = time.perf_counter(), pipe.scheduler
-            pipe.scheduler = SAMPLERS[r.sampler].from_config(scheduler.config)
-            try:
-                images = pipe(
-                    prompt=None if prompt_embeds is not None else r.prompt, prompt_embeds=prompt_embeds,
-                    negative_prompt=r.negative_prompt or None, num_inference_steps=r.steps,
-                    guidance_scale=r.guidance, height=r.height, width=r.width, num_images_per_prompt=r.batch,
-                    latents=self._hooks_start(pipe, r, latents, tick).to(pipe.device, pipe.unet.dtype),
-                    generator=generators,
-                    callback_on_step_end=on_step,
-                ).images
-            except torch.cuda.OutOfMemoryError:
-                raise StudioError("out of memory while generating: lower the batch size or the image size") from None
-            finally:
-                pipe.scheduler = scheduler
+            cfg = r.guidance > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+            plan = steering.Plan([r.prompt], r.batch, cfg, r.height, r.width, [r.negative_prompt])
+            start = time.perf_counter()
+            with steering.generation(pipe, plan):
+                cond = model.encode([r.prompt]) if prompt_embeds is None else Conditioning(prompt_embeds)
+                images = model.denoise(
+                    steering.condition(pipe, cond, plan), model.encode([r.negative_prompt]) if cfg else None,
+                    steps=r.steps, guidance=r.guidance, scheduler=SAMPLERS[r.sampler].from_config(pipe.scheduler.config),
+                    latents=steering.start(pipe, r, latents, tick).to(pipe.device, pipe.unet.dtype), generator=generators,
+                    height=r.height, width=r.width, images_per_prompt=r.batch, on_step=on_step)
             return GenerationResult(images, r.seeds, r, time.perf_counter() - start, r.warnings)
 
     def generate_at(self, request: GenerationRequest, position: int, progress: Progress | None = None) -> GenerationResult:
@@ -294,49 +293,3 @@ class PipelineManager:
             self.restore_notes = [f"the saved history could not be restored ({exc}); it was moved to {aside.name}"]
             return
         self.restore_notes = [f"restored {len(notes)} edit(s) from the last session, {saved.position} applied"] + notes
-
-    # -- attention hooks (owner: studio/attention) ----------------------------------------------
-    # Edit-free hooks for the jobs run inside a `with` block: attention capture, attention-guided
-    # sampling. They are not edits (the model's weights and the History are untouched) and the
-    # lock is held for the whole block, so no other job ever sees them.
-    _sampling_hooks: tuple = ()
-
-    @contextmanager
-    def sampling_hooks(self, *hooks):
-        """Call each hook's start(pipe, request, latents, tick) -> latents before sampling (tick(done, total)
-        checks for a stop and reports progress, for hooks that sample first) and
-        step_end(pipe, i, t, callback_kwargs) -> callback_kwargs after every step of generate()."""
-        with self.lock:
-            before = self._sampling_hooks
-            self._sampling_hooks = before + hooks
-            try:
-                yield
-            finally:
-                self._sampling_hooks = before
-
-    @contextmanager
-    def capture(self, **options):
-        """Capture attention in the generations run inside the block; yields the AttentionSession.
-
-        Options are those of studio.attention.capture.new_session (per_step, heads, negative,
-        self_steps, tokens, plugins). Leaving the block restores the exact original processors."""
-        from .attention.capture import install, new_session
-
-        with self.lock:
-            session = new_session(**options)
-            with install(self.pipe.unet, session), self.sampling_hooks(session):
-                yield session
-
-    def _hooks(self, pipe) -> tuple:
-        """The block's hooks, then those an applied edit installed (pipe.sampling_hooks)."""
-        return self._sampling_hooks + tuple(getattr(pipe, "sampling_hooks", ()))
-
-    def _hooks_start(self, pipe, request, latents, tick):
-        for hook in self._hooks(pipe):
-            latents = hook.start(pipe, request, latents, tick)
-        return latents
-
-    def _hooks_step_end(self, pipe, i, t, kwargs):
-        for hook in self._hooks(pipe):
-            kwargs = hook.step_end(pipe, i, t, kwargs)
-        return kwargs

@@ -14,28 +14,18 @@ from transformers import CLIPTokenizer
 N_MERGES = 49152 - 256 - 2  # CLIP's merge count: vocab 49408 = 256 bytes * 2 + merges + 2 specials
 
 
-def bpe_vocab_path() -> str:
-    from open_clip.tokenizer import default_bpe
-
-    return default_bpe()
-
-
 def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's reversible byte -> printable unicode table, in CLIP's order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+    """GPT-2/CLIP's reversible byte -> printable unicode table, in CLIP's order: the printable bytes as
+    themselves, then the other bytes as the characters from 256 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return [chr(c) for c in printable + list(range(256, 256 + 256 - len(printable)))]
 
 
 @lru_cache(maxsize=1)
 def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    with gzip.open(bpe_vocab_path(), "rt", encoding="utf-8") as f:
+    from open_clip.tokenizer import default_bpe
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")[1 : N_MERGES + 1]
     merges = [tuple(line.split()) for line in lines]
     alphabet = _bytes_to_unicode()

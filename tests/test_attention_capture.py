@@ -3,19 +3,24 @@ import numpy as np
 import pytest
 import torch
 
-from studio.attention.capture import (
-    AttentionSession,
-    CrossAttentionStore,
-    capture_cross_attention,
-    install,
-    new_session,
-)
+from contextlib import contextmanager
+
+from studio import steering
+from studio.attention.capture import AttentionSession, CrossAttentionStore, install, new_session
 from studio.attention.run import CaptureOptions, generate_with_maps
 from studio.attention.selfattn import components, explicit_matrix, pixel_row
 from studio.attention.tokens import prompt_words, token_positions
 from studio.demo_model import build_demo_pipeline
 from studio.errors import StudioError
 from studio.generation import GenerationRequest
+
+
+@contextmanager
+def installed(pipe, session):
+    """The session's processors on `pipe` inside the block, removed exactly afterwards."""
+    with steering.temporary(pipe) as patch:
+        install(patch, pipe, session)
+        yield session
 
 
 def explicit_probs(attn, hidden, context):
@@ -48,7 +53,7 @@ def test_captured_maps_equal_the_explicit_reference_and_outputs_are_untouched(un
     inputs, hooks = recorded(unet, "attn2")
     # batch = [negative, prompt]: keep both halves, per head, the first 9 tokens, and per-step copies
     session = AttentionSession(CrossAttentionStore(negative=True, heads=True, per_step=True, tokens=9))
-    with install(unet, session):
+    with installed(pipe, session):
         captured = unet(x, t, encoder_hidden_states=text).sample
         session.cross.step_end()
         unet(x, t, encoder_hidden_states=text)
@@ -73,7 +78,7 @@ def test_conditional_half_only_by_default_and_the_legacy_maps(unet_inputs):
     pipe, x, t, text = unet_inputs
     inputs, hooks = recorded(pipe.unet, "attn2")
     store = CrossAttentionStore()  # classifier-free-guidance batch: only the conditional half
-    with capture_cross_attention(pipe.unet, store):
+    with installed(pipe, AttentionSession(store)):
         pipe.unet(x, t, encoder_hidden_states=text)
     for h in hooks:
         h.remove()
@@ -90,7 +95,7 @@ def test_self_attention_row_on_demand_equals_the_explicit_matrix(unet_inputs):
     inputs, hooks = recorded(unet, "attn1")
     session = new_session(self_steps=(0,))
     session.begin(cfg=True, latent_hw=(16, 16))
-    with install(unet, session):
+    with installed(pipe, session):
         unet(x, t, encoder_hidden_states=text)
     for h in hooks:
         h.remove()
@@ -111,7 +116,7 @@ def test_capture_through_the_manager_changes_nothing_and_leaves_no_trace(manager
     assert np.array_equal(np.asarray(plain), np.asarray(result.images[0]))
     assert np.array_equal(np.asarray(plain), np.asarray(after))
     assert all(manager.pipe.unet.attn_processors[n] is p for n, p in processors.items())
-    assert manager.fingerprint() == f0 and manager.history() == [] and manager._sampling_hooks == ()
+    assert manager.fingerprint() == f0 and manager.history() == [] and steering.slots(manager.pipe) == []
     # every layer at every step, both kinds of attention, on the CPU
     assert set(result.resolutions()) == {16, 8, 4} and result.heads == 4 and result.branches == ("prompt",)
     assert all(v.shape[0] == 4 and v.device.type == "cpu" for v in result.per_step.values())

@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+from studio import steering
+
 from studio.attention.control import (
     Control,
     excite_loss,
@@ -91,7 +93,7 @@ def test_stop_ends_a_guided_run_cleanly(toy):
         generate_with_maps(toy, GenerationRequest(PROMPT, seed=0, steps=6), NO_CAPTURE_EXTRAS,
                            Control("attend-excite", ["circle", "square"], resolution=8), progress=stop_after_first)
     assert all(toy.pipe.unet.attn_processors[n] is p for n, p in processors.items())
-    assert toy._sampling_hooks == () and toy.history() == []
+    assert steering.slots(toy.pipe) == [] and toy.history() == []
     toy.generate(GenerationRequest(PROMPT, seed=0, steps=1))  # the next job runs normally
 
 
@@ -106,7 +108,7 @@ def test_stop_ends_a_guided_run_cleanly(toy):
 def test_bad_control_settings_are_clear_errors(toy, control, message):
     with pytest.raises(StudioError, match=message):
         generate_with_maps(toy, GenerationRequest(PROMPT, seed=0, steps=2), NO_CAPTURE_EXTRAS, control)
-    assert toy._sampling_hooks == ()
+    assert steering.slots(toy.pipe) == []
 
 
 def test_parsing_thresholds_and_weights():

@@ -6,13 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.attention.any_image import image_maps, load_image
+from studio.attention.any_image import image_maps
 from studio.attention.export import export
 from studio.attention.maps import Selection, binarize, normalize, overlap, summary, token_maps, word_maps
 from studio.attention.run import CaptureOptions, generate_with_maps
 from studio.attention.view import View, render_view
 from studio.errors import StudioError
 from studio.generation import GenerationRequest
+from studio.images import load_rgb
 from studio.toyworld.scenes import make_scene
 
 PROMPT = "a red circle and a blue square"
@@ -109,14 +110,14 @@ def test_export_writes_grid_raw_maps_and_manifest(result, tmp_path):
 ])
 def test_bad_images_are_refused_clearly(bad, message):
     with pytest.raises(StudioError, match=message):
-        load_image(bad)
+        load_rgb(bad)
 
 
 def test_a_file_that_is_not_an_image_is_refused(tmp_path):
     f = tmp_path / "notes.png"
     f.write_text("not really a png")
     with pytest.raises(StudioError, match="cannot read 'notes.png' as an image"):
-        load_image(str(f))
+        load_rgb(str(f))
 
 
 def test_bad_requests_say_what_to_do(toy, result, tmp_path):

@@ -6,12 +6,13 @@ from PIL import Image
 
 from studio.customize.concept import with_strength
 from studio.customize.images import load_images
-from studio.customize.library import learned_concepts, set_strength, toy_examples
+from studio.customize.library import learned_concepts, set_strength
 from studio.customize.train import train_concept
 from studio.edits import Edit
 from studio.errors import JobStopped, StudioError
 from studio.generation import GenerationRequest
 from studio.toyworld.evaluate import bundled_oracle
+from studio.toyworld.presets import toy_examples
 
 KV = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
 

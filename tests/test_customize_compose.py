@@ -11,21 +11,23 @@ from studio.customize.compose import (
     SteeredAttention,
     adapters_edit,
     correct_by_similarities,
-    default_reg_prompts,
     lora_factors,
     merge_edit,
     nms_bias,
     region_edit,
     t2i_zero_edit,
 )
+from studio import models, steering
 from studio.customize.collage import predicting
 from studio.customize.concept import base_signature, with_strength
 from studio.customize.scope import only, prompt_scopes
-from studio.customize.train import add_lora, kv_modules
+from studio.customize.train import kv_modules
+from studio.training import lora
 from studio.edits import Edit
 from studio.erase.text import encode
 from studio.errors import StudioError
 from studio.generation import GenerationRequest
+from studio.toyworld.presets import toy_reg_prompts
 from studio.toyworld.scenes import COLOURS
 
 PROMPT = "a red circle and a blue square"
@@ -80,6 +82,13 @@ def concept(pipe, token, seed, kv="delta", outside=False, ti_only=False, scale=0
     return Edit("learned_concept", params, tensors, label=f"learn {token} (hand)")
 
 
+def encoded(pipe, prompt):
+    """(prompt, empty negative) embeddings as a generation reads them: after the 'condition' slots."""
+    plan, model = steering.Plan([prompt]), models.of(pipe)
+    with steering.generation(pipe, plan):
+        return steering.condition(pipe, model.encode([prompt]), plan).embeds, model.encode([""]).embeds
+
+
 def colour_centre_x(img: np.ndarray, colour: str) -> float:
     near = np.abs(img.astype(int) - np.array(COLOURS[colour])).sum(-1) < 90
     assert near.sum() > 30, f"no {colour} object in the image"
@@ -106,7 +115,7 @@ def test_region_masks_steer_only_the_conditional_rows_and_the_first_steps(toy, b
         proc = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.processor
         assert isinstance(proc, SteeredAttention) and proc.clock
         steer = proc.steerings[0]
-        pipe.encode_prompt(PROMPT, "cpu", 1, True)
+        steer.begin_generation(steering.Plan([PROMPT]))
         assert steer.positions == [[[2, 3], [6, 7]]]
         q, k = torch.zeros(1, 2, 64, 4), torch.zeros(1, 2, 77, 4)
         bias = steer.bias(None, q, k, (8, 8)).reshape(8, 8, 77)
@@ -183,7 +192,7 @@ def test_a_region_pass_keeps_only_the_concepts_its_words_name(toy, base):
     scopes = prompt_scopes(pipe)
     assert [s.words for s in scopes] == [["<aa>"], ["<bb>"]]
     x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
-    with torch.no_grad():
+    with torch.no_grad(), steering.generation(pipe, steering.Plan(["a <aa> and a <bb>"])):
         context = torch.cat(pipe.encode_prompt("a <aa> and a <bb>", "cpu", 1, True)[::-1])  # both named
         run = lambda: pipe.unet(x, t, context).sample  # noqa: E731
         both = run()
@@ -218,7 +227,7 @@ def test_merge_keeps_each_concepts_outputs_on_its_tokens_and_ordinary_captions_n
     a = concept(pipe, "<aa>", 1, kv="delta")
     b = concept(pipe, "<bb>", 2, kv="lora", outside=True)
     c = concept(pipe, "<cc>", 3, ti_only=True)
-    edit = merge_edit(pipe, [a, b, c])
+    edit = merge_edit(pipe, [a, b, c], toy_reg_prompts())
     assert edit.kind == "compose_merge" and edit.params["reg_prompts"] == 200
     assert max(edit.params["constraint_error"].values()) < 1e-3
     assert edit.params["reg_change"] < 0.5 * edit.params["reg_change_if_summed"]
@@ -228,7 +237,7 @@ def test_merge_keeps_each_concepts_outputs_on_its_tokens_and_ordinary_captions_n
     w0 = {n: pipe.unet.get_parameter(n.removeprefix("unet.")).detach().clone() for n in kv + [OUTSIDE]}
     # the token's feature depends only on what comes before it (CLIP is causal): these are templates' features
     prompts = {t: [f"a photo of {t}", f"a {t} and a red circle", f"{t} on the left"] for t in ("<aa>", "<bb>", "<cc>")}
-    other = [p for p in default_reg_prompts(pipe, 230)[200:]]  # captions the merge did not see
+    other = [p for p in toy_reg_prompts(230)[200:]]  # captions the merge did not see
 
     toy.apply(edit)
     try:
@@ -306,7 +315,8 @@ def test_adapters_at_weight_zero_are_the_base_model_and_at_one_the_fused_concept
         assert isinstance(layer, BaseTunerLayer) and layer.base_layer is to_k
         assert sorted(layer.active_adapters) == ["concept_0", "concept_1"]
         with pytest.raises(StudioError, match="unfused adapters"):
-            add_lora(pipe.unet, 4, "attention")  # training is refused while adapters ride on the UNet
+            with lora(pipe.unet, 4, "attention"):  # training is refused while adapters ride on the UNet
+                pass
         assert np.array_equal(image(toy), base_image(toy, base))
         tokens_only = image(toy, both)
     finally:
@@ -353,10 +363,10 @@ def test_cross_token_nms_keeps_one_concept_per_pixel():
 
 def test_t2i_zero_changes_only_the_concept_embeddings_and_stacks_with_regions(toy, base):
     pipe = toy.pipe
-    cond0, neg0 = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    cond0, neg0 = encoded(pipe, PROMPT)
     toy.apply(t2i_zero_edit(["circle", "square"]))
     try:
-        cond, neg = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+        cond, neg = encoded(pipe, PROMPT)
         assert torch.equal(neg, neg0)
         changed = [i for i in range(77) if not torch.equal(cond[0, i], cond0[0, i])]
         assert changed == [3, 7]
@@ -369,7 +379,7 @@ def test_t2i_zero_changes_only_the_concept_embeddings_and_stacks_with_regions(to
     finally:
         toy.undo()
     assert toy.fingerprint() == base["fingerprint"]
-    assert torch.equal(pipe.encode_prompt(PROMPT, "cpu", 1, True)[0], cond0)
+    assert torch.equal(encoded(pipe, PROMPT)[0], cond0)
 
 
 @pytest.mark.parametrize("words, options, message", [
@@ -389,14 +399,16 @@ def test_t2i_zero_refuses_bad_settings(words, options, message):
 
 def test_compositions_survive_an_edit_file(toy, base, tmp_path):
     pipe = toy.pipe
-    toy.apply(merge_edit(pipe, [concept(pipe, "<aa>", 1), concept(pipe, "<bb>", 2, kv="lora", vectors=2)]))
+    toy.apply(merge_edit(pipe, [concept(pipe, "<aa>", 1), concept(pipe, "<bb>", 2, kv="lora", vectors=2)],
+                         toy_reg_prompts()))
     toy.apply(region_edit([("<aa>", np.eye(8)), ("<bb>", (0.5, 0, 1, 1))]))
     toy.apply(t2i_zero_edit(["<aa>", "<bb>"]))
     toy.apply(region_edit([("<aa>", (0, 0, 0.5, 1)), ("<bb>", (0.5, 0, 1, 1))], collage=0.2))
     state = toy.fingerprint()
-    pipe.encode_prompt("a <aa> and a <bb>", "cpu", 1, True)  # learned tokens are found, "<bb>" as its 2 vectors
-    steerings = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn2.processor.steerings
-    assert [s.positions for s in steerings] == [[[[2], [5, 6]]]] * 2
+    # learned tokens are found, "<bb>" as its 2 vectors
+    with steering.generation(pipe, steering.Plan(["a <aa> and a <bb>"])):
+        steerings = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn2.processor.steerings
+        assert [s.positions for s in steerings] == [[[[2], [5, 6]]]] * 2
     path = toy.save_edits(tmp_path / "compose.safetensors")
     toy.reset()
     assert toy.fingerprint() == base["fingerprint"]

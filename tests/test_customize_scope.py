@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from studio import steering
 from studio.customize.concept import base_signature, with_strength
 from studio.customize.formats import export_concept, import_concept
 from studio.customize.scope import ScopedChange
@@ -39,7 +40,7 @@ def base(toy):
 def image(manager, prompts, seed=1):
     """One image per prompt, generated together in one batch (the pipeline's own list-of-prompts path)."""
     prompts = [prompts] if isinstance(prompts, str) else prompts
-    with manager.lock:
+    with manager.lock, steering.generation(manager.pipe, steering.Plan(prompts)):
         out = manager.pipe(prompt=prompts, num_inference_steps=6, output_type="np",
                            generator=torch.Generator().manual_seed(seed)).images
     return list(np.round(out * 255).astype(int))

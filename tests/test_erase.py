@@ -6,9 +6,9 @@ from studio.edits import named_tensors
 from studio.erase import closed_form
 from studio.erase.closed_form import attack_map, edited_layers, erase_edit, solve_map
 from studio.erase.guard import guard_edit
-from studio.erase.report import erasure_report
 from studio.errors import EditError, StudioError
 from studio.generation import GenerationRequest
+from studio.toyworld.presets import erasure_report
 
 OTHERS = ["green", "blue", "yellow", "purple", "orange"]
 
@@ -73,9 +73,10 @@ def test_erase_red_on_toy_model_measured_and_undone_exactly(manager):
 def test_guard_changes_no_weights_and_toggles_exactly(manager):
     request = GenerationRequest("a red circle", seed=0, batch=2, steps=10)
     plain = manager.generate(request).images
-    print_before = manager.fingerprint()
+    print_before, weights = manager.fingerprint(), {n: t.clone() for n, t in named_tensors(manager.pipe).items()}
     manager.apply(guard_edit("red", templates="toy"))
-    assert manager.fingerprint() == print_before
+    assert all(torch.equal(t, weights[n]) for n, t in named_tensors(manager.pipe).items())  # no weight changes
+    assert manager.fingerprint() != print_before  # but the fingerprint sees the steering slot
     guarded = manager.generate(request).images
     from studio.toyworld.evaluate import bundled_oracle
 
@@ -85,6 +86,7 @@ def test_guard_changes_no_weights_and_toggles_exactly(manager):
     blue = manager.generate(GenerationRequest("a blue square", seed=0, batch=2, steps=10)).images
     assert sum(oracle.presence(im, "blue") for im in blue) == 2
     manager.undo()
+    assert manager.fingerprint() == print_before
     assert [im.tobytes() for im in manager.generate(request).images] == [im.tobytes() for im in plain]
 
 

@@ -6,8 +6,8 @@ from PIL import Image
 
 from studio.errors import StudioError
 from studio.extract.localize import (AttentionFeatures, aggregate_self_attention, check_masks, concept_masks,
-                                     crop_box, find_concepts, fit_mask, kl_kmeans, localize, prepare_image,
-                                     select_concepts)
+                                     find_concepts, kl_kmeans, localize, prepare_image, select_concepts)
+from studio.images import crop_box, fit_mask
 from studio.toyworld.scenes import BACKGROUND, make_scene
 
 torch.set_num_threads(1)

@@ -6,7 +6,8 @@ from PIL import Image
 
 from studio.customize.images import TrainingImage, to_tensor
 from studio.errors import StudioError
-from studio.extract.break_a_scene import CrossAttentionMaps, attention_loss, extract_concepts, isolated, mask_tensor
+from studio import steering
+from studio.extract.break_a_scene import AttentionMaps, attention_loss, extract_concepts, isolated, mask_tensor
 from studio.extract.evaluate import classify
 from studio.toyworld.scenes import make_scene
 
@@ -51,12 +52,10 @@ def test_attention_loss_pulls_a_map_toward_its_mask():
 
 def test_attention_maps_keep_gradients_to_the_text(manager):
     pipe = manager.pipe
-    maps = CrossAttentionMaps(pipe.unet, 16)
-    try:
+    with steering.temporary(pipe) as patch:
+        maps = AttentionMaps.install(patch, pipe, 16)
         context = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, requires_grad=True)
         pipe.unet(torch.randn(2, 4, 16, 16), torch.tensor([300, 300]), encoder_hidden_states=context)
-    finally:
-        maps.remove()
     assert maps.maps and all(m.shape == (2, 256, 77) for m in maps.maps)
     torch.stack(maps.maps).mean(0)[:, :, 3].sum().backward()
     assert context.grad[:, 3].abs().sum() > 0

@@ -80,6 +80,25 @@ def test_stop_request_ends_the_job_and_leaves_the_model_intact(manager):
     assert manager.generate(GenerationRequest("a red circle", **FAST)).images  # the next job runs normally
 
 
+def test_a_stop_during_an_outer_job_survives_nested_jobs(manager):
+    """A training preview generates inside the training job: a stop pressed before or during it ends training."""
+    with pytest.raises(JobStopped), manager.job():
+        manager.request_stop()
+        with manager.job():  # a nested job that ends without checking
+            pass
+        manager.check_stop()
+    with pytest.raises(JobStopped), manager.job():
+        manager.request_stop()
+        manager.generate(GenerationRequest("a red circle", **FAST))  # the nested job sees the stop and ends
+    with manager.job():
+        manager.check_stop()  # the stop ended with the outermost job
+
+
+def test_a_stop_requested_between_jobs_does_not_stop_the_next_one(manager):
+    manager.request_stop()
+    assert manager.generate(GenerationRequest("a red circle", **FAST)).images
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("width", 60, "multiple of 8"), ("height", 4096, "outside"), ("steps", 0, "steps"), ("steps", 10_000, "steps"),
     ("seed", "abc", "seed must be a whole number"), ("seed", "1.5", "seed"), ("guidance", "nan", "finite"),

@@ -8,62 +8,19 @@ several noise draws (one batch), which steadies them at high t.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .. import models
 from ..errors import StudioError
 from ..generation import parse_seed
+from ..images import load_rgb, square, to_tensor
+from .capture import capture
 from .result import AttentionResult, from_session
 from .tokens import sequence_length
 
 DEFAULT_TIMESTEP = 100
-
-
-def open_image(image) -> Image.Image:
-    """A PIL image (any mode, alpha kept) from a path, a PIL image or an array; StudioError otherwise."""
-    if image is None or (isinstance(image, str) and not image.strip()):
-        raise StudioError("no image: upload one first")
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise StudioError(f"cannot read the image {str(path)!r}: no such file")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.copy()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise StudioError(f"cannot read {path.name!r} as an image ({exc.__class__.__name__}): "
-                              "upload a PNG, JPEG or WebP") from None
-    if isinstance(image, np.ndarray):
-        a = image
-        if a.ndim == 3 and a.shape[-1] == 1:
-            a = a[..., 0]
-        if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
-            raise StudioError(f"the image must be H x W x 3 (RGB), H x W x 4 (RGBA) or H x W (grey); "
-                              f"got an array of shape {a.shape}")
-        if a.dtype == bool:
-            a = a.astype(np.uint8) * 255
-        elif a.dtype != np.uint8:
-            a = a.astype(np.float64)
-            if not np.isfinite(a).all():
-                raise StudioError("the image has NaN or infinite pixel values")
-            a = np.clip(a * (255 if a.max() <= 1 else 1), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(np.ascontiguousarray(a))
-    if isinstance(image, Image.Image):
-        return image
-    raise StudioError(f"expected an image (a file path, a PIL image or an array), got {type(image).__name__}")
-
-
-def load_image(image) -> Image.Image:
-    """A PIL RGB image (alpha dropped) from a PIL image, an array or a file path; StudioError otherwise."""
-    image = open_image(image)
-    if min(image.size) < 8:
-        raise StudioError(f"the image is too small ({image.width}x{image.height}); it needs at least 8x8 pixels")
-    return image.convert("RGB")
 
 
 def noising(pipe, timestep, repeats) -> tuple[int, int]:
@@ -80,41 +37,45 @@ def noising(pipe, timestep, repeats) -> tuple[int, int]:
     return timestep, repeats
 
 
-def fit(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Centre-crop to the model's aspect ratio, then resize to its size."""
-    return ImageOps.fit(image, (width, height), Image.BICUBIC)
+def noised(model, picture, timestep: int, repeats: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`repeats` noise draws of the picture's latent taken to `timestep` by the training scheduler, and t."""
+    pipe, dtype = model.pipe, model.denoiser.dtype
+    latent = model.encode_images(to_tensor(picture)[None])
+    noise = torch.randn((repeats, *latent.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
+    t = torch.tensor([timestep], device=pipe.device)
+    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(
+        latent.expand(repeats, -1, -1, -1).to(pipe.device, dtype), noise.to(pipe.device, dtype), t)
+    return noisy, t
+
+
+def encoded(model, prompts: list[str], repeats: int):
+    """Each prompt's conditioning repeated `repeats` times, prompt after prompt (as the pipeline batches them)."""
+    return models.Conditioning.cat([model.encode([p]).rows(torch.zeros(repeats, dtype=torch.long)) for p in prompts])
 
 
 def image_maps(manager, image, prompt: str, timestep: int = DEFAULT_TIMESTEP, seed=0, negative: str = "",
                repeats: int = 1, heads: bool = False, self_attention: bool = True) -> AttentionResult:
     """Cross-attention maps of `prompt` on an uploaded image noised to `timestep` (and its self-attention Q/K)."""
-    image = load_image(image)
+    image = load_rgb(image)[0]
     prompt, negative = str(prompt or ""), str(negative or "")
     if not prompt.strip():
         raise StudioError("type a prompt that describes the image: its words get the maps")
     seed = parse_seed(seed)
     with manager.job():
-        pipe = manager.pipe
+        pipe, model = manager.pipe, models.of(manager.pipe)
         timestep, repeats = noising(pipe, timestep, repeats)
-        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        shown = fit(image, size, size)
+        size = model.default_size
+        shown = square(image, size)
         start = time.perf_counter()
-        device, dtype = pipe.device, pipe.unet.dtype
         cfg = bool(negative)
-        with manager.capture(per_step=False, heads=heads, negative=cfg,
-                             tokens=sequence_length(pipe.tokenizer, prompt, negative),
-                             self_steps=(0,) if self_attention else ()) as session, torch.no_grad():
-            x = pipe.image_processor.preprocess(shown, height=size, width=size).to(device, pipe.vae.dtype)
-            latent = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
-            noise = torch.randn((repeats, *latent.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
-            t = torch.tensor([timestep], device=device)
-            noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(
-                latent.expand(repeats, -1, -1, -1).to(dtype), noise.to(device, dtype), t)
-            cond, uncond = pipe.encode_prompt(prompt, device, repeats, cfg, negative_prompt=negative or None)[:2]
+        with capture(manager, per_step=False, heads=heads, negative=cfg,
+                     tokens=sequence_length(pipe.tokenizer, prompt, negative),
+                     self_steps=(0,) if self_attention else ()) as session, torch.no_grad():
+            noisy, t = noised(model, shown, timestep, repeats, seed)
+            rows = [negative, prompt] if cfg else [prompt]
             session.begin(cfg, noisy.shape[-2:])
             manager.check_stop()
-            pipe.unet(torch.cat([noisy, noisy]) if cfg else noisy, t,
-                      encoder_hidden_states=torch.cat([uncond, cond]) if cfg else cond)
+            model.predict(noisy.repeat(len(rows), 1, 1, 1), t, encoded(model, rows, repeats))
         settings = dict(mode="image", timestep=timestep, repeats=repeats, noise_seed=seed, width=size, height=size,
                         original_size=list(image.size), model=manager.describe())
         result = from_session(session, mode="image", images=[shown], prompt=prompt, negative=negative, seeds=[seed],

@@ -8,9 +8,9 @@ adds its head mean into one running sum per layer: one matmul, one softmax, one 
 no Python loop over tokens or heads. Self-attention is N x N, so it is never formed here: at the
 steps asked for, the layer's Q and K are kept and one query row is computed later, on demand.
 
-Installing is an edit-free hook: `install` swaps processors through diffusers'
-`set_attn_processor` and puts back the exact original objects when the block ends, so the model,
-its fingerprint and the edit history are untouched.
+Installing is an edit-free hook: `install` wraps the processors as steering slots of a temporary
+patch, which puts back the exact original objects when the block ends, so the model, its
+fingerprint and the edit history are untouched.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from .. import models, steering
 from ..errors import StudioError
 
 
@@ -190,6 +191,14 @@ class AttentionSession:
     def cond_rows(self, batch: int) -> slice:
         return slice(batch // 2, None) if self.cfg else slice(None)
 
+    def wrap(self, site: str, attn, proc):
+        """The processor of an attention site while capturing: plugins (reweighting) wrap cross-attention first."""
+        if attn.is_cross_attention:
+            for p in self.plugins:
+                if hasattr(p, "wrap"):
+                    proc = p.wrap(site, proc)
+        return CaptureProcessor(proc, self, site)
+
     # called by the processors -----------------------------------------------------------------
     def shape_of(self, name: str, n: int) -> tuple[int, int]:
         if name not in self.geometry or self.geometry[name][0] * self.geometry[name][1] != n:
@@ -237,40 +246,22 @@ class CaptureProcessor:
         return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
+def install(patch, pipe, session: AttentionSession) -> None:
+    """Wrap the processors the session needs (cross-attention; self-attention too at `self_steps`) and make
+    the session a sampling hook of the pipeline, as steering slots of `patch`."""
+    sites = models.of(pipe).attention_sites(cross=None if session.self_steps else True)
+    steering.install(patch, pipe, "attention", "attention capture", session, sites)
+    steering.install(patch, pipe, "sampling", "attention capture", session)
+
+
 @contextmanager
-def install(unet, session: AttentionSession):
-    """Wrap the processors the session needs; put the exact original objects back afterwards."""
-    originals = dict(unet.attn_processors)
-    wanted = {}
-    for name, proc in originals.items():
-        if ".attn2." in name:
-            for p in session.plugins:
-                if hasattr(p, "wrap"):
-                    proc = p.wrap(name, proc)
-            wanted[name] = CaptureProcessor(proc, session, name)
-        elif ".attn1." in name and session.self_steps:
-            wanted[name] = CaptureProcessor(proc, session, name)
-        else:
-            wanted[name] = proc
-    unet.set_attn_processor(wanted)
-    try:
+def capture(manager, **options):
+    """Capture attention in the generations run inside the block (the manager's lock held); yields the
+    AttentionSession. Options are those of `new_session`. Leaving the block restores the exact originals."""
+    with manager.lock, steering.temporary(manager.pipe) as patch:
+        session = new_session(**options)
+        install(patch, manager.pipe, session)
         yield session
-    finally:
-        unet.set_attn_processor(originals)
-
-
-@contextmanager
-def capture_cross_attention(unet, store: CrossAttentionStore):
-    """Capture cross-attention of every layer into `store` (no per-step hooks): the simple form."""
-    with install(unet, AttentionSession(store)) as session:
-        yield session.cross
-
-
-def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
-    """Positions (in the 77-token sequence, SOS = 0) of the subword tokens of `word` in `prompt`."""
-    from .tokens import token_positions as positions
-
-    return positions(tokenizer, prompt, word)
 
 
 def new_session(cross: bool = True, per_step: bool = False, heads: bool = False, negative: bool = False,

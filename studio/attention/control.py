@@ -29,7 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import models
 from ..errors import StudioError
+from .any_image import encoded
 from .capture import project_qk
 from .tokens import prompt_ids, token_positions
 
@@ -210,8 +212,8 @@ class AttentionGuidance:
         return j < self.alter or (self.c.method == "attend-excite" and j in self.thresholds)
 
     def start(self, pipe, request, latents):
-        self.pipe, self.log, self.previous = pipe, [], None
-        self.embeds = pipe.encode_prompt(request.prompt, pipe.device, request.batch, False)[0]
+        self.model, self.log, self.previous = models.of(pipe), [], None
+        self.cond = encoded(self.model, [request.prompt], request.batch)
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         scheduler.set_timesteps(request.steps, device=pipe.device)
         self.n_steps = len(scheduler.timesteps)
@@ -231,7 +233,7 @@ class AttentionGuidance:
         if not self._active(0):
             return latents
         t0, sigma = scheduler.timesteps[0], scheduler.init_noise_sigma
-        x = latents.to(pipe.device, pipe.unet.dtype) * sigma
+        x = latents.to(pipe.device, self.model.denoiser.dtype) * sigma
         x = self.update(0, t0, x, lambda z: scheduler.scale_model_input(z, t0))
         return (x / sigma).to(latents.dtype)
 
@@ -248,7 +250,7 @@ class AttentionGuidance:
         s = self.session
         s.mode, s.guide_maps = "guide", {}
         try:
-            self.pipe.unet(scale_in(x), t, encoder_hidden_states=self.embeds)
+            self.model.predict(scale_in(x), t, self.cond)
         finally:
             s.mode = "sample"
         if not s.guide_maps:

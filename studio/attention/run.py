@@ -1,6 +1,6 @@
 """Generate with attention captured (and, optionally, attention-guided): the Attention tab's main job.
 
-Everything goes through PipelineManager: `manager.capture(...)` installs the edit-free hooks and
+Everything goes through PipelineManager: `capture(manager, ...)` installs the edit-free hooks and
 holds the lock, `manager.generate` runs the job with progress and stop, so a capture run and a
 plain run of the same request make the same image.
 """
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import StudioError
 from ..generation import GenerationRequest
+from .capture import capture
 from .control import AttentionGuidance, Control
 from .result import AttentionResult, from_session
 from .tokens import sequence_length
@@ -34,7 +35,7 @@ def generate_with_maps(manager, request: GenerationRequest, options: CaptureOpti
     negative = bool(r.negative_prompt) if options.negative is None else options.negative
     self_step = r.steps // 2 if options.self_step is None else int(options.self_step)
     plugins = control.plugins(pipe.tokenizer, r.prompt, manager.check_stop) if control and control.active else []
-    with manager.capture(per_step=options.per_step, heads=options.heads, negative=negative,
+    with capture(manager, per_step=options.per_step, heads=options.heads, negative=negative,
                          tokens=sequence_length(pipe.tokenizer, r.prompt, r.negative_prompt),
                          self_steps=(self_step,) if 0 <= self_step < r.steps else (), plugins=plugins) as session:
         out = manager.generate(r, progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import models
 from ..errors import StudioError
 from ..generation import GenerationRequest
 from .images import load_images
@@ -64,12 +65,12 @@ def command(args, manager) -> list[str]:
         return [f"{edit.title}: applied"] + _after(args, manager, edit)
     if not args.token:
         raise StudioError("--token is required to train a concept (e.g. --token '<my-cat>')")
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = models.of(pipe).default_size
     sources, captions = list(args.images), None
     if args.toy_example:
         from PIL import Image
 
-        from .library import toy_examples, toy_prior_prompts
+        from ..toyworld.presets import toy_examples, toy_prior_prompts
 
         examples = toy_examples(args.toy_example)
         sources, captions = [Image.fromarray(im) for im, _ in examples], [c for _, c in examples]

@@ -11,6 +11,9 @@ is right most of the time, and harmonising a collage of the two keeps both.
 The cut-out is what differs from the picture's border colour (objects on plain backgrounds, like the toy
 world, product shots or stickers); on a busy background the whole picture is placed, shrunk into the
 region, and the redraw blends it in.
+
+Region edits (compose.region_edit) are applied here: without a collage, compose's attention steering; with
+one, a 'model' steering slot around the UNet's forward and a 'sampling' slot that draws the regions.
 """
 from __future__ import annotations
 
@@ -22,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .compose import _signature, region_grid
+from .. import models, steering
+from ..edits import edit_kind
+from ..fingerprint import edit_digest
+from ..generation import SAMPLERS
+from .compose import RegionSteering, check_regions, region_grid
 from .scope import only, prompt_scopes
 
 CUT_THRESHOLD = 40  # largest channel difference (0..255) from the border colour that still counts as background
@@ -78,84 +85,90 @@ def region_box(spec: dict, mask: torch.Tensor | None, height: int, width: int) -
 
 
 class Collage:
-    """The UNet's forward while a region composition by collage is applied, and the sampling hook that
-    prepares each generation (`start`) and ends it (`step_end`). Generations whose prompt lacks a region's
-    words are not touched."""
+    """The UNet's forward while a region composition by collage is applied (`wrap`), and the sampling hook
+    that prepares each generation (`start`) and ends it (`step_end`). Generations whose prompt lacks a
+    region's words are not touched."""
 
-    def __init__(self, pipe, params: dict, tensors: dict, forward):
-        self.pipe, self.specs, self.tensors, self.forward = pipe, params["regions"], tensors, forward
-        self.strength, self.signature = float(params["collage"]), _signature(params, tensors)
-        self.plan = None
+    def __init__(self, pipe, params: dict, tensors: dict):
+        self.pipe, self.specs, self.tensors, self.forward = pipe, params["regions"], tensors, None
+        self.strength, self.signature = float(params["collage"]), edit_digest(params, tensors)
+        self.layout = None
 
     def fingerprint(self) -> str:
         return f"Collage[{self.signature}]"
 
+    def wrap(self, forward):
+        self.forward = forward
+        return self
+
     @torch.no_grad()
     def start(self, pipe, request, latents, tick=lambda done, total: None):
-        self.plan = None
+        self.layout = None
         words = [s["words"].strip() for s in self.specs]
         if not all(w.lower() in request.prompt.lower() for w in words):
             return latents
-        h, w = request.height, request.width
-        prompts = [region_prompt(request.prompt, word) for word in words]
-        shots = []
-        for r, prompt in enumerate(prompts):
+        model, h, w, n = models.of(pipe), request.height, request.width, request.batch
+        cfg = request.guidance > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+        scheduler = SAMPLERS[request.sampler].from_config(pipe.scheduler.config)  # the generation's sampler
+        negative, shots, contexts = model.encode([request.negative_prompt]), [], []
+        for r, prompt in enumerate(region_prompt(request.prompt, word) for word in words):
             noise, generators = replace(request, seed=request.seed + r * REGION_SEED_STEP).noise(pipe)
-            shots.append(np.round(255 * pipe(
-                prompt=prompt, negative_prompt=request.negative_prompt or None, num_inference_steps=request.steps,
-                guidance_scale=request.guidance, height=h, width=w, num_images_per_prompt=request.batch,
-                latents=noise.to(pipe.device, pipe.unet.dtype), generator=generators, output_type="np",
-                callback_on_step_end=lambda _p, i, _t, kw: tick(i + 1, request.steps) or kw).images).astype(np.uint8))
+            plan = steering.Plan([prompt], n, cfg, h, w, [request.negative_prompt])
+            with steering.generation(pipe, plan):  # the region's words alone, a generation of their own
+                cond = steering.condition(pipe, model.encode([prompt]), plan)
+                shots.append(np.round(255 * model.denoise(
+                    cond, negative if cfg else None, steps=request.steps, guidance=request.guidance,
+                    scheduler=scheduler, latents=noise.to(pipe.device, pipe.unet.dtype), generator=generators,
+                    height=h, width=w, images_per_prompt=n, output="np",
+                    on_step=lambda _p, i, _t, kw: tick(i + 1, request.steps) or kw)).astype(np.uint8))
+            # the region's pass reads its own prompt (the one its picture was drawn with): [negative, prompt]
+            contexts.append(torch.cat([negative.embeds, cond.embeds]).repeat_interleave(n, 0))
         boxes = [region_box(s, self.tensors.get(s.get("mask", "")), h, w) for s in self.specs]
         pictures, masks = [], []
-        for i in range(request.batch):
+        for i in range(n):
             canvas = np.broadcast_to(border_colour(shots[0][i]), shots[0][i].shape).astype(np.float32).copy()
             masks.append(np.stack([place(canvas, shot[i], box) for shot, box in zip(shots, boxes)]))
             pictures.append(canvas)
-        # each region's pass reads its own prompt (the one its picture was drawn with); [negative, prompt]
-        contexts = [torch.cat(pipe.encode_prompt(p, pipe.device, request.batch, True,
-                                                 request.negative_prompt or None)[::-1]) for p in prompts]
-        self.plan = self.encode(np.stack(pictures), torch.from_numpy(np.stack(masks)), words, contexts)
+        self.layout = self.encode(np.stack(pictures), torch.from_numpy(np.stack(masks)), words, contexts,
+                                  len(scheduler.timesteps))
         return latents
 
-    def encode(self, pictures: np.ndarray, masks: torch.Tensor, words: list[str], contexts: list) -> dict:
-        """The plan of one generation: the collage's latents, each region's pixels on the latent grid (grown
+    def encode(self, pictures: np.ndarray, masks: torch.Tensor, words: list[str], contexts: list, steps: int) -> dict:
+        """The layout of one generation: the collage's latents, each region's pixels on the latent grid (grown
         by one cell, so the seams are redrawn by the region's pass), the concepts each pass keeps (its own,
         and those no region names; the last pass, for the pixels outside every region, keeps only the
         latter) and each region pass's prompt embeddings."""
-        vae, f = self.pipe.vae, self.pipe.vae_scale_factor
         x = torch.from_numpy(pictures).permute(0, 3, 1, 2) / 127.5 - 1
-        x0 = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-        grid = F.max_pool2d(F.max_pool2d((masks > 0.5).float(), f), 3, 1, 1)
+        x0 = models.of(self.pipe).encode_images(x)
+        grid = F.max_pool2d(F.max_pool2d((masks > 0.5).float(), self.pipe.vae_scale_factor), 3, 1, 1)
         scopes = prompt_scopes(self.pipe)
         named = [[s for s in scopes if any(t.lower() in w.lower() for t in s.words)] for w in words]
         unnamed = [s for s in scopes if not any(s in n for n in named)]
-        steps = len(self.pipe.scheduler.timesteps)
         return dict(x0=x0, grid=grid, scopes=scopes, keep=[n + unnamed for n in named] + [unnamed],
                     hold=round((1 - self.strength) * steps), context=contexts)
 
     def step_end(self, pipe, i, t, kwargs):
         if i + 1 >= len(pipe.scheduler.timesteps):
-            self.plan = None
+            self.layout = None
         return kwargs
 
     def __call__(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
-        plan = self.plan
+        layout = self.layout
         ts = self.pipe.scheduler.timesteps
-        at = (ts == timestep.to(ts.device)).nonzero() if plan is not None else []
-        if plan is None or not len(at) or sample.shape[0] % len(plan["x0"]):
+        at = (ts == timestep.to(ts.device)).nonzero() if layout is not None else []
+        if layout is None or not len(at) or sample.shape[0] % len(layout["x0"]):
             return self.forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
-        rows = sample.shape[0] // len(plan["x0"])  # 2 under guidance: [negative, prompt]
-        if int(at[0, 0]) < plan["hold"]:
-            out = predicting(self.pipe.scheduler, sample, timestep, plan["x0"].to(sample).repeat(rows, 1, 1, 1))
+        rows = sample.shape[0] // len(layout["x0"])  # 2 under guidance: [negative, prompt]
+        if int(at[0, 0]) < layout["hold"]:
+            out = predicting(self.pipe.scheduler, sample, timestep, layout["x0"].to(sample).repeat(rows, 1, 1, 1))
         else:
             passes = []
-            contexts = [c[-len(sample):].to(encoder_hidden_states) for c in plan["context"]]
-            for keep, context in zip(plan["keep"], contexts + [encoder_hidden_states]):
-                with only(plan["scopes"], keep):
+            contexts = [c[-len(sample):].to(encoder_hidden_states) for c in layout["context"]]
+            for keep, context in zip(layout["keep"], contexts + [encoder_hidden_states]):
+                with only(layout["scopes"], keep):
                     o = self.forward(sample, timestep, context, *args, **kwargs)
                 passes.append(o[0] if isinstance(o, tuple) else o.sample)
-            grid = plan["grid"].to(sample).repeat(rows, 1, 1, 1)[:, :, None]
+            grid = layout["grid"].to(sample).repeat(rows, 1, 1, 1)[:, :, None]
             regions, rest = torch.stack(passes[:-1], 1), passes[-1]
             cover = grid.sum(1)
             out = torch.where(cover > 0, (regions * grid).sum(1) / cover.clamp(min=1e-6), rest)
@@ -175,7 +188,12 @@ def predicting(scheduler, sample: torch.Tensor, timestep, x0: torch.Tensor) -> t
     return {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0}[kind]
 
 
-def install_collage(pipe, params: dict, tensors: dict, patch) -> None:
-    collage = Collage(pipe, params, tensors, pipe.unet.forward)
-    patch.set_attr(pipe.unet, "forward", collage)
-    patch.set_attr(pipe, "sampling_hooks", (*getattr(pipe, "sampling_hooks", ()), collage))
+@edit_kind("compose_regions")
+def apply_regions(pipe, params: dict, tensors: dict, patch) -> None:
+    check_regions(params, tensors)
+    name = f"{'collage' if params.get('collage') else 'regions'} " + ", ".join(s["words"] for s in params["regions"])
+    if not params.get("collage"):
+        return RegionSteering(pipe, params, tensors).install(patch, name)
+    collage = Collage(pipe, params, tensors)
+    steering.install(patch, pipe, "model", name, collage, {"denoiser": models.of(pipe).denoiser})
+    steering.install(patch, pipe, "sampling", name, collage)

@@ -9,31 +9,31 @@
   idea): a region's words can be attended only by pixels inside it, so identities do not bleed.
 - t2i_zero_edit ("compose_t2i_zero"): Multi-Concept T2I-Zero: correction by similarities on the text
   embeddings and cross-token non-maximum suppression in cross-attention.
-The last two change no weights: they swap `pipe.encode_prompt` (to see the prompt, as the erasure guard
-does) and the attn2 processors (SDPA with an additive bias), through the patch, so undo restores the
-exact original objects.
+The last two change no weights: they are steering slots (an attention processor adding a bias on every
+cross-attention; T2I-Zero's correction a 'condition' slot). Region edits are applied in collage.py.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import models, steering
 from ..attention.capture import attention_probs, grid_shape, project_qk
 from ..attention.control import STANDARD_PROCESSORS, gaussian_smooth
-from ..attention.tokens import prompt_ids, token_positions
-from ..edits import COMPONENTS, EDIT_KINDS, Edit, Patch, edit_kind, find_tensor
+from ..attention.tokens import prompt_ids
+from ..checks import base_signature, check_base, number
+from ..edits import EDIT_KINDS, Edit, edit_kind, find_tensor, module_slot
 from ..erase.text import encode
 from ..errors import StudioError
-from ..fingerprint import tensor_digest
-from .concept import base_signature, check_base, check_strength, install_tokens, token_names, weight_delta
-from .train import DEFAULT_TEMPLATES, expand, fill, is_toy, kv_modules
+from ..fingerprint import edit_digest
+from .concept import check_strength, install_tokens, token_names, weight_delta
+from .scope import PromptWords
+from .train import DEFAULT_TEMPLATES, expand, fill, kv_modules
 
 NEG = -1e4  # additive attention bias that removes a key (exp(-1e4) == 0) and stays finite in fp16
 REG_TEMPLATES = ("a photo of a {}", "a painting of a {}", "a {} in the street", "a close-up of a {}",
@@ -41,6 +41,8 @@ REG_TEMPLATES = ("a photo of a {}", "a painting of a {}", "a {} in the street", 
                  "a {} in the snow", "a small {}")
 REG_WORDS = ("dog", "cat", "car", "house", "tree", "person", "bird", "flower", "chair", "bicycle", "boat", "mountain",
              "city", "horse", "cup", "book", "child", "river", "lamp", "train")
+# ordinary captions whose K/V outputs the merge preserves by default (Custom Diffusion uses 200 LAION captions)
+REG_PROMPTS = tuple(t.format(w) for t in REG_TEMPLATES for w in REG_WORDS)
 
 
 # -- shared checks ----------------------------------------------------------------------------------
@@ -70,33 +72,7 @@ def check_concepts(concepts, least: int, need_token: bool = False) -> list[Edit]
     return concepts
 
 
-def _number(what: str, v, lo: float, hi: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v) \
-            or not lo <= v <= hi:
-        raise StudioError(f"{what} must be a number from {lo:g} to {hi:g} (got {v!r})")
-    return float(v)
-
-
-def _signature(params: dict, tensors: dict) -> str:
-    """Short hash of an edit's parameters and tensors: processors report it to the model fingerprint."""
-    h = hashlib.blake2b(json.dumps(params, sort_keys=True).encode(), digest_size=8)
-    for name in sorted(tensors):
-        h.update(f"{name}:{tensor_digest(tensors[name])}".encode())
-    return h.hexdigest()
-
-
 # -- (a) closed-form merge (Custom Diffusion) --------------------------------------------------------
-def default_reg_prompts(pipe, count: int = 200) -> list[str]:
-    """Ordinary captions whose K/V outputs the merge preserves (Custom Diffusion uses 200 LAION captions):
-    toy-world captions on the toy model, otherwise common words in caption templates."""
-    if is_toy(pipe):
-        from ..toyworld.scenes import caption, sample_objects
-
-        rng = np.random.default_rng(0)
-        return [caption(sample_objects(rng), rng) for _ in range(count)]
-    return [t.format(w) for t in REG_TEMPLATES for w in REG_WORDS][:count]
-
-
 @torch.no_grad()
 def reg_gram(pipe, prompts: list[str]) -> torch.Tensor:
     """Σ c cᵀ over every position but SOS of every caption (what the UNet's K/V see): d x d, float64."""
@@ -111,8 +87,7 @@ def reg_gram(pipe, prompts: list[str]) -> torch.Tensor:
 def token_features(pipe, concept: Edit, templates) -> torch.Tensor:
     """(m, d): text-encoder outputs at the concept's token positions in `templates`, computed with the
     concept applied (its token, and any text-encoder change) in a throw-away patch."""
-    patch = Patch(pipe)
-    try:
+    with steering.temporary(pipe) as patch:
         EDIT_KINDS["learned_concept"](pipe, dict(concept.params), dict(concept.tensors), patch)
         token = concept.params["token"]
         ids = set(pipe.tokenizer.convert_tokens_to_ids(token_names(token, len(concept.tensors["embedding"]))))
@@ -121,8 +96,6 @@ def token_features(pipe, concept: Edit, templates) -> torch.Tensor:
         rows = [emb[i, j] for i, p in enumerate(prompts)
                 for j, t in enumerate(prompt_ids(pipe.tokenizer, p)) if t in ids]
         return torch.stack(rows).double().cpu()
-    finally:
-        patch.undo()
 
 
 def merge_map(targets: torch.Tensor, gram: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -143,14 +116,14 @@ def merge_edit(pipe, concepts: list[Edit], reg_prompts: list[str] | None = None,
     """Merge concepts' K/V changes in closed form (Custom Diffusion): call it with the manager's lock held.
 
     C_tgt: each concept's token features in `templates` (default: training's templates); C_reg: all
-    positions of `reg_prompts` (default: 200 ordinary captions). Changes outside attn2 K/V are summed.
+    positions of `reg_prompts` (default: REG_PROMPTS, 200 ordinary captions). Changes outside attn2 K/V are summed.
     """
     concepts = check_concepts(concepts, 2, need_token=True)
     for c in concepts:
         check_base(pipe, c.params)
-    ridge = _number("ridge", ridge, 0, 1)
+    ridge = number("ridge", ridge, 0, 1)
     templates = [t for t in (templates or DEFAULT_TEMPLATES) if str(t).strip()]
-    reg_prompts = default_reg_prompts(pipe) if reg_prompts is None else reg_prompts
+    reg_prompts = REG_PROMPTS if reg_prompts is None else reg_prompts
     reg_prompts = [str(p) for p in reg_prompts if str(p).strip()]
     if len(reg_prompts) < 10:
         raise StudioError(f"the merge needs ordinary captions to preserve (about 200; got {len(reg_prompts)})")
@@ -212,10 +185,7 @@ def merge_edit(pipe, concepts: list[Edit], reg_prompts: list[str] | None = None,
 
 @edit_kind("compose_merge")
 def apply_merge(pipe, params: dict, tensors: dict, patch) -> None:
-    base = params.get("base_model")
-    if base and base != base_signature(pipe):
-        raise StudioError(f"this merge was computed on another model (signature {base}, this one is "
-                          f"{base_signature(pipe)}): load that model, or merge the concepts again here")
+    check_base(pipe, params, "this merge was computed", "load that model, or merge the concepts again here")
     for name in params.get("modules", []):
         w, delta = patch.read(name), tensors.get(f"{name}.delta")
         if delta is None or delta.numel() != w.numel():
@@ -253,28 +223,13 @@ def adapters_edit(concepts: list[Edit], weights: list[float] | None = None) -> E
         p = c.params
         entries.append(dict(token=p.get("token"), label=c.title, modules=list(p.get("modules", [])),
                             base_model=p.get("base_model"), strength=check_strength(p.get("strength", 1.0)),
-                            weight=_number(f"the weight of {c.title!r}", w, -10, 10)))
+                            weight=number(f"the weight of {c.title!r}", w, -10, 10)))
         for name in entries[-1]["modules"]:
             tensors[f"{i}/{name}.lora_A"], tensors[f"{i}/{name}.lora_B"] = lora_factors(c.tensors, name)
         if p.get("token") is not None:
             tensors[f"{i}/embedding"] = c.tensors["embedding"].float().cpu()
     label = "adapters " + ", ".join(f"{e['token'] or e['label']} x{e['weight']:g}" for e in entries)
     return Edit("compose_adapters", dict(concepts=entries), tensors, label=label)
-
-
-def module_slot(pipe, name: str) -> tuple[nn.Module, str, nn.Module]:
-    """(parent, attribute, module) of the layer owning weight `name` ('unet.….to_k.weight')."""
-    component, _, rest = name.partition(".")
-    root = getattr(pipe, component, None) if component in COMPONENTS else None
-    if root is None or not rest.endswith(".weight"):
-        raise StudioError(f"{name!r} is not a layer weight of this pipeline")
-    path = rest.removesuffix(".weight")
-    parent_path, _, attr = path.rpartition(".")
-    try:
-        parent = root.get_submodule(parent_path)
-        return parent, attr, getattr(parent, attr)
-    except AttributeError:
-        raise StudioError(f"{name!r}: this model has no layer {path!r} (another architecture?)") from None
 
 
 @edit_kind("compose_adapters")
@@ -290,7 +245,7 @@ def apply_adapters(pipe, params: dict, tensors: dict, patch) -> None:
     for i, e in enumerate(entries):
         check_base(pipe, e)
         adapter = f"concept_{i}"
-        scale = _number("adapter weight", e.get("weight", 1.0), -10, 10) * check_strength(e.get("strength", 1.0))
+        scale = number("adapter weight", e.get("weight", 1.0), -10, 10) * check_strength(e.get("strength", 1.0))
         for name in e.get("modules", []):
             a, b = tensors.get(f"{i}/{name}.lora_A"), tensors.get(f"{i}/{name}.lora_B")
             if a is None or b is None:
@@ -327,41 +282,17 @@ def apply_adapters(pipe, params: dict, tensors: dict, patch) -> None:
 
 
 # -- steering: what (c) and (d) share --------------------------------------------------------------
-class Steering:
-    """What one steering edit knows of the generation in progress, seen through the swapped
-    encode_prompt and check_inputs: per conditional row, where its words sit; the batch layout
-    ([negative, prompt] under guidance), the latent size and the denoising pass. Subclasses say
-    how to adjust the prompt embeddings and which attention bias to add."""
+class Steering(PromptWords):
+    """An attention steering (regions, T2I-Zero's suppression): an additive bias on the conditional rows'
+    cross-attention during the first `until` of the denoising passes; subclasses say which bias."""
 
     def __init__(self, pipe, words: list[str], until: float, signature: str):
-        self.pipe, self.words, self.until, self.signature = pipe, words, until, signature
-        self.positions: list[list[list[int]]] | None = None  # row -> word -> token positions ([]: absent)
-        self.lengths: list[int] = []  # row -> tokens up to and with EOS
-        self.cfg, self.latent_hw, self.passes = False, None, 0
-
-    def adjust(self, embeds: torch.Tensor) -> torch.Tensor:
-        return embeds
+        super().__init__(pipe, words, signature)
+        self.until, self.first_site = until, None
 
     def bias(self, attn, q, k, hw) -> torch.Tensor | None:
         """(rows, N, T) additive bias for the conditional rows' queries q and keys k, or None."""
         return None
-
-    def watch(self, prompt, images: int, cfg: bool) -> None:
-        self.passes, self.cfg, self.positions = 0, bool(cfg), None
-        if prompt is None:  # embeddings passed in: no words to find, nothing to steer
-            return
-        rows, lengths = [], []
-        for p in [prompt] if isinstance(prompt, str) else list(prompt):
-            p = expand(self.pipe, p)
-            rows += [[self.find(p, w) for w in self.words]] * images
-            lengths += [len(prompt_ids(self.pipe.tokenizer, p))] * images
-        self.positions, self.lengths = rows, lengths
-
-    def find(self, prompt: str, word: str) -> list[int]:
-        try:
-            return token_positions(self.pipe.tokenizer, prompt, expand(self.pipe, word))
-        except StudioError:
-            return []  # the word is not in this prompt: nothing to steer for it
 
     def tick(self, batch: int) -> None:
         """Called once per UNet pass (by the first cross-attention layer); guidance passes do not count."""
@@ -378,33 +309,23 @@ class Steering:
         n = len(self.positions)
         return slice(n, None) if self.cfg and batch == 2 * n else slice(None) if batch == n else None
 
-    def install(self, patch, processors: bool = True) -> None:
-        pipe = self.pipe
-        encode_prompt, check_inputs, finish = pipe.encode_prompt, pipe.check_inputs, pipe.maybe_free_model_hooks
+    def install(self, patch, name: str) -> None:
+        """An 'attention' slot on every cross-attention site."""
+        sites = models.of(self.pipe).attention_sites(cross=True)
+        if not sites:
+            raise StudioError("this UNet has no cross-attention layers to steer")
+        self.first_site = next(iter(sites))
+        steering.install(patch, self.pipe, "attention", name, self, sites)
 
-        @functools.wraps(encode_prompt)
-        def watched_encode(prompt, device, num_images_per_prompt=1, do_classifier_free_guidance=True, *args, **kw):
-            embeds, negative = encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance,
-                                             *args, **kw)
-            self.watch(prompt, num_images_per_prompt, do_classifier_free_guidance)
-            return self.adjust(embeds), negative  # the negative branch is left alone
-
-        @functools.wraps(check_inputs)
-        def watched_check(prompt, height, width, *args, **kw):
-            f = pipe.vae_scale_factor
-            self.latent_hw = (int(height) // f, int(width) // f) if height and width else None
-            return check_inputs(prompt, height, width, *args, **kw)
-
-        @functools.wraps(finish)
-        def finished(*args, **kw):  # the pipeline's last step: later direct UNet calls are not this generation's
-            self.positions = None
-            return finish(*args, **kw)
-
-        patch.set_attr(pipe, "encode_prompt", watched_encode)
-        patch.set_attr(pipe, "check_inputs", watched_check)
-        patch.set_attr(pipe, "maybe_free_model_hooks", finished)
-        if processors:
-            install_processors(pipe, self, patch)
+    def wrap(self, site: str, attn, processor):
+        """A SteeredAttention around the site's processor, joining one already there."""
+        clock = site == self.first_site
+        if isinstance(processor, SteeredAttention):
+            return SteeredAttention(processor.base, processor.steerings + [self], clock)
+        if type(processor).__name__ in STANDARD_PROCESSORS:
+            return SteeredAttention(processor, [self], clock)
+        raise StudioError(f"{site.removesuffix('.processor')} uses the attention processor "
+                          f"{type(processor).__name__} (installed by another edit or adapter): undo that first")
 
 
 class SteeredAttention:
@@ -446,23 +367,6 @@ class SteeredAttention:
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
-
-
-def install_processors(pipe, steering: Steering, patch) -> None:
-    """A SteeredAttention on every attn2 (joining one already there), swapped in through the patch."""
-    layers = [(n, m) for n, m in pipe.unet.named_modules() if n.endswith("attn2") and hasattr(m, "processor")]
-    if not layers:
-        raise StudioError("this UNet has no cross-attention layers to steer")
-    for i, (name, attn) in enumerate(layers):
-        old = attn.processor
-        if isinstance(old, SteeredAttention):
-            new = SteeredAttention(old.base, old.steerings + [steering], clock=i == 0)
-        elif type(old).__name__ in STANDARD_PROCESSORS:
-            new = SteeredAttention(old, [steering], clock=i == 0)
-        else:
-            raise StudioError(f"{name} uses the attention processor {type(old).__name__} (installed by another edit "
-                              "or adapter): undo that first")
-        patch.set_attr(attn, "processor", new)
 
 
 # -- (c) region-aware sampling ----------------------------------------------------------------------
@@ -533,8 +437,8 @@ def check_regions(params: dict, tensors: dict) -> None:
             if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() <= 0:
                 raise StudioError(f"region {i + 1} ({words!r}): the mask is empty (or has negative or non-finite "
                                   "values): paint the area where the words belong")
-    _number("the fraction of steps to steer", params.get("until", 1.0), 1e-9, 1)
-    _number("the collage's share of steps to redraw", params.get("collage", 0.0), 0, 1)
+    number("the fraction of steps to steer", params.get("until", 1.0), 1e-9, 1)
+    number("the collage's share of steps to redraw", params.get("collage", 0.0), 0, 1)
 
 
 def region_grid(spec: dict, mask: torch.Tensor | None, hw: tuple[int, int]) -> torch.Tensor:
@@ -561,7 +465,7 @@ class RegionSteering(Steering):
     def __init__(self, pipe, params: dict, tensors: dict):
         specs = params["regions"]
         super().__init__(pipe, [s["words"].strip() for s in specs], params.get("until", 1.0),
-                         _signature(params, tensors))
+                         edit_digest(params, tensors))
         self.specs, self.tensors, self.grids = specs, tensors, {}
 
     def bias(self, attn, q, k, hw):
@@ -576,17 +480,6 @@ class RegionSteering(Steering):
                 if pos:
                     out[r][:, pos] = torch.where(inside[j, :, None], 0.0, NEG)
         return out
-
-
-@edit_kind("compose_regions")
-def apply_regions(pipe, params: dict, tensors: dict, patch) -> None:
-    check_regions(params, tensors)
-    if params.get("collage"):
-        from .collage import install_collage
-
-        install_collage(pipe, params, tensors, patch)
-    else:
-        RegionSteering(pipe, params, tensors).install(patch)
 
 
 # -- (d) Multi-Concept T2I-Zero ---------------------------------------------------------------------
@@ -625,14 +518,14 @@ def check_t2i_zero(p: dict) -> dict:
         raise StudioError("T2I-Zero: turn on the correction, the suppression, or both (true/false)")
     if isinstance(p["top_k"], bool) or not isinstance(p["top_k"], int) or not 1 <= p["top_k"] <= 76:
         raise StudioError(f"top_k must be a whole number from 1 to 76 (got {p['top_k']!r})")
-    _number("temperature", p["temperature"], 1e-4, 100)
-    _number("suppress", p["suppress"], 0, 1)
-    _number("the fraction of steps to steer", p["until"], 1e-9, 1)
+    number("temperature", p["temperature"], 1e-4, 100)
+    number("suppress", p["suppress"], 0, 1)
+    number("the fraction of steps to steer", p["until"], 1e-9, 1)
     smooth = p["smooth"]
     if (not isinstance(smooth, (list, tuple)) or len(smooth) != 2 or isinstance(smooth[0], bool)
             or not isinstance(smooth[0], int) or smooth[0] < 1 or smooth[0] % 2 == 0):
         raise StudioError(f"smooth is [kernel, sigma] with an odd kernel size >= 1 (got {smooth!r})")
-    _number("smoothing sigma", smooth[1], 1e-3, 100)
+    number("smoothing sigma", smooth[1], 1e-3, 100)
     return {**p, "words": words}
 
 
@@ -677,18 +570,18 @@ def nms_bias(probs: torch.Tensor, groups: list[list[list[int]]], hw: tuple[int, 
 
 class T2IZeroSteering(Steering):
     def __init__(self, pipe, p: dict):
-        super().__init__(pipe, p["words"], p["until"], _signature(p, {}))
+        super().__init__(pipe, p["words"], p["until"], edit_digest(p, {}))
         self.p = p
 
-    def adjust(self, embeds):
-        if not self.p["correction"] or self.positions is None:
-            return embeds
-        flat = [[c for pos in row for c in pos] for row in self.positions]
-        return correct_by_similarities(embeds, flat, self.lengths, self.p["top_k"], self.p["temperature"])
+    def condition(self, cond, plan: steering.Plan):
+        """The correction, on the conditional rows (one per prompt; `positions` has one per image)."""
+        if self.positions is None:
+            return cond
+        flat = [[c for pos in row for c in pos] for row in self.positions[::plan.images]]
+        return replace(cond, embeds=correct_by_similarities(cond.embeds, flat, self.lengths[::plan.images],
+                                                            self.p["top_k"], self.p["temperature"]))
 
     def bias(self, attn, q, k, hw):
-        if not self.p["nms"]:
-            return None
         probs = attention_probs(attn, q, k).mean(1)
         return nms_bias(probs, self.positions, hw, self.p["smooth"], self.p["suppress"])
 
@@ -696,4 +589,8 @@ class T2IZeroSteering(Steering):
 @edit_kind("compose_t2i_zero")
 def apply_t2i_zero(pipe, params: dict, tensors: dict, patch) -> None:
     p = check_t2i_zero(params)
-    T2IZeroSteering(pipe, p).install(patch)  # processors even without NMS: the fingerprint shows the edit
+    t2i, name = T2IZeroSteering(pipe, p), "T2I-Zero " + ", ".join(p["words"])
+    if p["correction"]:
+        steering.install(patch, pipe, "condition", name, t2i)
+    if p["nms"]:
+        t2i.install(patch, name)

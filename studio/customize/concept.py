@@ -24,9 +24,9 @@ import re
 import torch
 from torch import nn
 
+from ..checks import base_signature, check_base, number  # noqa: F401  (base_signature: for importers)
 from ..edits import Edit, edit_kind
 from ..errors import StudioError
-from ..fingerprint import tensor_digest
 
 TOKEN_PATTERN = re.compile(r"^[^\s,]{1,40}$")
 MAX_VECTORS = 16
@@ -127,24 +127,8 @@ def scope_of(params: dict) -> str:
     return params.get("scope", "always")
 
 
-def base_signature(pipe) -> str:
-    """A short signature of the base model (its UNet's input convolution, which no edit touches): a
-    concept learned on one model is refused on another instead of silently producing noise."""
-    return tensor_digest(pipe.unet.conv_in.weight)[:16]
-
-
-def check_base(pipe, params: dict) -> None:
-    base = params.get("base_model")
-    if base and base != base_signature(pipe):
-        raise StudioError(f"{params.get('token') or 'this concept'} was learned on another model (signature {base}, "
-                          f"this one is {base_signature(pipe)}): load that model, or train the concept again here")
-
-
 def check_strength(strength) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
-            or abs(strength) > 10:
-        raise StudioError(f"concept strength must be a finite number from -10 to 10 (got {strength!r})")
-    return float(strength)
+    return number("concept strength", strength, -10, 10)
 
 
 def concept_label(params: dict) -> str:

@@ -22,49 +22,40 @@ Export (`export_concept`) writes, per requested format:
   store the empty dicts `save_attn_procs` puts there.
 
 Import (`import_concept`) reads those files, diffusers' `learned_embeds.safetensors`, A1111 `.pt`
-embeddings (only through `torch.load(weights_only=True)`: nothing that needs arbitrary unpickling)
-and kohya LoRAs (diffusers or original-SD block names), and returns one "learned_concept" Edit,
-not yet applied. It checks everything against the model first (names, shapes, widths, the token),
-so a file for another architecture is refused before anything touches the model.
+embeddings (only through `torch.load(weights_only=True)`) and kohya LoRAs (diffusers or original-SD
+block names) into one "learned_concept" Edit, checked against the model before anything touches it.
 """
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import re
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from .. import models
+from ..checks import base_signature, check_base
+from ..edit_files import read_tensors, save_tensors
 from ..edits import Edit, find_tensor
 from ..errors import StudioError
-from ..lora_export import kohya_name, lora_from_changes
-from .concept import (MAX_VECTORS, TOKEN_PATTERN, base_signature, check_strength, check_token, concept_label,
-                      weight_delta)
+from ..lora_export import lora_from_changes, save_lora, skipped_text
+from .concept import MAX_VECTORS, TOKEN_PATTERN, check_strength, check_token, concept_label, weight_delta
 
 FORMATS = ("embedding", "lora", "custom_diffusion")
 CD_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
 EMBEDS = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
 TENSOR_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-CD_PARTS = {"to_k_custom_diffusion.weight": "to_k.weight", "to_v_custom_diffusion.weight": "to_v.weight",
-            "to_q_custom_diffusion.weight": "to_q.weight", "to_out_custom_diffusion.0.weight": "to_out.0.weight",
-            "to_out_custom_diffusion.0.bias": "to_out.0.bias"}
-CD_KEY = re.compile(r"^(.*)\.processor\.(to_[kvq]_custom_diffusion\.weight|to_out_custom_diffusion\.0\.(?:weight|bias))$")
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 LYCORIS_PARTS = ("hada_", "lokr_", "lora_mid", "dora_scale", "diff", "on_input", "w_norm", "b_norm")
 
 
 # -- helpers ------------------------------------------------------------------------------------
 def _pipe_of(model):
-    """(pipeline, manager or None) from a PipelineManager or a pipeline."""
-    if model is None:
-        return None, None
-    if hasattr(model, "stack") and hasattr(model, "lock"):
-        return model.pipe, model
-    return model, None
+    """(pipeline, manager or None) from a PipelineManager, a pipeline or None."""
+    is_manager = hasattr(model, "stack") and hasattr(model, "lock")
+    return (model.pipe, model) if is_manager else (model, None)
 
 
 def _base_value(model, name: str) -> torch.Tensor:
@@ -85,26 +76,11 @@ def file_stem(token: str | None, fallback: str = "concept") -> str:
     return stem or fallback
 
 
-def _save(tensors: dict, path: Path, metadata: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)
-    return path
-
-
 def _concept_parts(edit: Edit):
     if not isinstance(edit, Edit) or edit.kind != "learned_concept":
         raise StudioError(f"only learned concepts can be exported this way (got {getattr(edit, 'title', edit)!r})")
     params, tensors = edit.params, edit.tensors
     return params, tensors, params.get("token"), check_strength(params.get("strength", 1.0))
-
-
-def is_attention_projection(name: str) -> bool:
-    return re.search(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.(weight|bias)$", name) is not None
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -118,54 +94,19 @@ def embedding_state(edit: Edit) -> dict[str, torch.Tensor]:
 
 
 def lora_state(edit: Edit, rank: int = 16, pipe=None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Kohya-key LoRA tensors of the concept's weight changes at its strength, and a report.
-
-    LoRA factors are written as they are; full deltas are factored at `rank` (lora_export's SVD).
-    One alpha for every module (the largest rank), `up` scaled by rank/alpha where a module's rank
-    is lower, as lora_export does (diffusers 0.42 drops per-module alphas of UNet attention)."""
+    """Kohya-key LoRA tensors of the concept's weight changes at its strength, and a report: its LoRA
+    factors go in as they are, full deltas are factored at `rank` (lora_export's SVD, one alpha for all)."""
     params, tensors, _, strength = _concept_parts(edit)
-    factors, deltas, skipped = {}, {}, {}
+    factors, deltas = {}, {}
+    cpu = lambda key: tensors[key].detach().float().cpu()  # noqa: E731
     for name in params.get("modules", []):
-        if name.startswith("vae."):
-            skipped[name] = "VAE weights are not part of an SD LoRA"
-        elif f"{name}.lora_A" in tensors:
-            a, b = tensors[f"{name}.lora_A"].detach().float().cpu(), tensors[f"{name}.lora_B"].detach().float().cpu()
-            factors[name] = (a, b if strength == 1.0 else b * strength)
+        if f"{name}.lora_A" in tensors:
+            factors[name] = cpu(f"{name}.lora_A"), cpu(f"{name}.lora_B") * strength
         elif f"{name}.delta" in tensors:
-            d = tensors[f"{name}.delta"].detach().float().cpu()
-            deltas[name] = (torch.zeros_like(d), d if strength == 1.0 else d * strength)
+            deltas[name] = torch.zeros_like(cpu(f"{name}.delta")), cpu(f"{name}.delta") * strength
         else:
             raise StudioError(f"this concept lacks the change of {name}: it is damaged; train or import it again")
-    state, modules = {}, {}
-    report = {"rank": rank, "error": 0.0, "max_error": 0.0, "skipped": skipped}
-    svd_alpha = None
-    if deltas:
-        svd_state, svd_report = lora_from_changes(deltas, rank, pipe)
-        svd_alpha = svd_report["alpha"]
-        state.update(svd_state)
-        skipped.update(svd_report["skipped"])
-        for name, m in svd_report["modules"].items():
-            modules[name] = {**m, "source": "svd"}
-        report.update(error=svd_report["error"], max_error=svd_report["max_error"])
-    elif not isinstance(rank, int) or rank < 1:
-        raise StudioError(f"LoRA rank must be a positive integer, got {rank!r}")
-    for name, (a, b) in factors.items():
-        key = kohya_name(name)
-        state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = a.contiguous(), b.contiguous()
-        modules[name] = {"key": key, "rank": a.shape[0], "error": 0.0, "source": "factors"}
-    if not modules:
-        report.update(alpha=None, modules={})
-        return {}, report
-    alpha = max(m["rank"] for m in modules.values())
-    for name, m in modules.items():
-        up = f"{m['key']}.lora_up.weight"
-        # svd modules carry up * r / svd_alpha; factor modules carry up as trained (scale 1)
-        have = svd_alpha if m["source"] == "svd" else m["rank"]
-        if have != alpha:
-            state[up] = (state[up] * (have / alpha)).contiguous()
-        state[f"{m['key']}.alpha"] = torch.tensor(float(alpha))
-    report.update(alpha=alpha, modules=modules)
-    return state, report
+    return lora_from_changes(deltas, rank, pipe, factors)
 
 
 def custom_diffusion_state(edit: Edit, model) -> tuple[dict[str, torch.Tensor], dict]:
@@ -176,38 +117,31 @@ def custom_diffusion_state(edit: Edit, model) -> tuple[dict[str, torch.Tensor], 
     if pipe is None:
         raise StudioError("Custom Diffusion files hold full weights: export them with the model the concept "
                           "was learned on (model=manager)")
-    if params.get("base_model") and params["base_model"] != base_signature(pipe):
-        raise StudioError(f"{params.get('token') or 'this concept'} was learned on another model: load that model to "
-                          "export its Custom Diffusion weights")
+    check_base(pipe, params, fix="load that model to export its Custom Diffusion weights")
     modules = list(params.get("modules", []))
-    other = [n for n in modules if not (n.startswith("unet.") and is_attention_projection(n))]
+    processors = models.of(pipe).custom_diffusion_keys()
+    projections = {n for keys in processors.values() for n in keys.values()}
+    other = [n for n in modules if n not in projections]
     if other:
         raise StudioError(f"Custom Diffusion files carry only attention projections; {len(other)} changed weights "
                           f"(e.g. {other[0]}) would be lost: export this concept as a LoRA")
     if not modules:
         raise StudioError("this concept changes no weights: export its embedding instead")
-    touched: dict[str, set] = {}
-    for n in modules:
-        attn, part = re.match(r"unet\.(.*\.attn[12])\.(.*)$", n).groups()
-        touched.setdefault(attn, set()).add(part)
     state, written = {}, []
-    for proc in pipe.unet.attn_processors:
-        attn = proc.removesuffix(".processor")
-        if attn not in touched:
+    touched = {proc: [n for n in keys.values() if n in modules] for proc, keys in processors.items()}
+    for proc, keys in processors.items():
+        if not touched[proc]:
             state[proc] = torch.zeros(0)  # load_attn_procs: an attention with default behaviour
             continue
-        parts = ["to_k.weight", "to_v.weight"]  # the loader reads the shapes from to_k; k and v go together
-        if touched[attn] & {"to_q.weight", "to_out.0.weight", "to_out.0.bias"}:
-            parts += ["to_q.weight", "to_out.0.weight", "to_out.0.bias"]
-        for part in parts:
-            name = f"unet.{attn}.{part}"
-            base = _base_value(model, name)
-            delta = weight_delta(tensors, name, base.shape) if name in modules else None
-            value = base if delta is None else (base.float() + strength * delta).to(base.dtype)
-            cd_part = next(k for k, v in CD_PARTS.items() if v == part)
-            state[f"{proc}.{cd_part}"] = value.contiguous()
-            written.append(name)
-    return state, {"modules": written, "attention_layers": len(touched)}
+        # the loader reads the shapes from to_k, so k and v go together; q and out go together too
+        q_out = any(not n.endswith(("to_k.weight", "to_v.weight")) for n in touched[proc])
+        for key, name in keys.items():
+            if q_out or name.endswith(("to_k.weight", "to_v.weight")):
+                base = _base_value(model, name)
+                delta = weight_delta(tensors, name, base.shape) if name in modules else None
+                state[key] = base if delta is None else (base.float() + strength * delta).to(base.dtype)
+                written.append(name)
+    return state, {"modules": written, "attention_layers": sum(map(bool, touched.values()))}
 
 
 def export_concept(edit: Edit, folder, formats=FORMATS, rank: int = 16, model=None, name: str | None = None) -> dict:
@@ -229,49 +163,43 @@ def export_concept(edit: Edit, folder, formats=FORMATS, rank: int = 16, model=No
     meta = {"studio_token": token or "", "studio_vectors": len(tensors.get("embedding", ())) if token else 0,
             "studio_base_model": params.get("base_model") or "", "studio_method": params.get("method", "")}
     out = {"written": {}, "errors": {}, "notes": [], "lora": None, "custom_diffusion": None}
+    notes = out["notes"]
     if strength != 1.0:
-        out["notes"].append(f"the weight changes are written at the concept's strength {strength:g}")
+        notes.append(f"the weight changes are written at the concept's strength {strength:g}")
     for fmt in formats:
         try:
             if fmt == "embedding":
-                path = _save(embedding_state(edit), folder / f"{stem}.safetensors", {**meta, "format": "pt"})
+                path = save_tensors(embedding_state(edit), folder / f"{stem}.safetensors", {**meta, "format": "pt"})
                 out["written"]["embedding"] = [str(path)]
-                out["notes"].append(f"embedding: A1111/ComfyUI call it '{stem}' (the file name); diffusers: "
-                                    f"pipe.load_textual_inversion('{path}', token='{token}')")
+                notes.append(f"embedding: A1111/ComfyUI call it '{stem}' (the file name); diffusers: "
+                             f"pipe.load_textual_inversion('{path}', token='{token}')")
             elif fmt == "lora":
                 state, report = lora_state(edit, rank, pipe)
                 if not state:
-                    why = "; ".join(f"{n}: {r}" for n, r in list(report["skipped"].items())[:3])
+                    why = skipped_text(report)
                     raise StudioError("this concept changes no weight a LoRA can carry" + (f" ({why})" if why else
                                       " (a token-only concept: export its embedding)"))
-                dim = str(report["alpha"])
-                lmeta = {**meta, "ss_network_module": "networks.lora", "ss_network_dim": dim,
-                         "ss_network_alpha": dim, "studio_rank_requested": str(rank),
-                         "studio_error": f"{report['error']:.6g}"}
-                if any(state[f"{m['key']}.lora_down.weight"].dim() == 4 for m in report["modules"].values()):
-                    lmeta["ss_network_args"] = json.dumps({"conv_dim": dim, "conv_alpha": dim})
-                path = _save(state, folder / f"{stem}-lora.safetensors", lmeta)
-                report["path"] = str(path)
+                path = save_lora(state, report, folder / f"{stem}-lora.safetensors", rank, meta)
                 out["written"]["lora"], out["lora"] = [str(path)], report
                 if any(m["source"] == "svd" for m in report["modules"].values()):
-                    out["notes"].append(f"lora: full changes factored at rank {rank}, relative error "
-                                        f"{report['error']:.3g} (largest per layer {report['max_error']:.3g})")
+                    notes.append(f"lora: full changes factored at rank {rank}, relative error "
+                                 f"{report['error']:.3g} (largest per layer {report['max_error']:.3g})")
                 if report["skipped"]:
-                    out["notes"].append(f"lora: {len(report['skipped'])} changes not in the LoRA: "
-                                        + "; ".join(f"{n}: {r}" for n, r in list(report["skipped"].items())[:3]))
+                    notes.append(f"lora: {len(report['skipped'])} changes not in the LoRA: {skipped_text(report)}")
                 if token:
-                    out["notes"].append(f"lora: the token {token} is not in the LoRA; load the embedding with it")
+                    notes.append(f"lora: the token {token} is not in the LoRA; load the embedding with it")
             elif fmt == "custom_diffusion":
                 state, report = custom_diffusion_state(edit, model)
                 sub = folder / f"{stem}-custom-diffusion"
-                paths = [_save(state, sub / CD_WEIGHTS, {"format": "pt", **meta})]
+                paths = [save_tensors(state, sub / CD_WEIGHTS, {"format": "pt", **meta})]
                 if token:
-                    emb = tensors["embedding"].detach().float().cpu()
-                    paths.append(_save({token: emb[0] if len(emb) == 1 else emb}, sub / EMBEDS, {"format": "pt"}))
+                    emb = tensors["embedding"].float()
+                    emb = {token: emb[0] if len(emb) == 1 else emb}
+                    paths.append(save_tensors(emb, sub / EMBEDS, {"format": "pt"}))
                 out["written"]["custom_diffusion"] = [str(p) for p in paths]
                 out["custom_diffusion"] = {**report, "folder": str(sub)}
-                out["notes"].append(f"custom_diffusion: diffusers: pipe.load_textual_inversion('{sub}'); "
-                                    f"pipe.unet.load_attn_procs('{sub}', weight_name='{CD_WEIGHTS}', _pipeline=pipe)")
+                notes.append(f"custom_diffusion: diffusers: pipe.load_textual_inversion('{sub}'); "
+                             f"pipe.unet.load_attn_procs('{sub}', weight_name='{CD_WEIGHTS}', _pipeline=pipe)")
         except StudioError as exc:
             out["errors"][fmt] = str(exc)
     return out
@@ -279,15 +207,10 @@ def export_concept(edit: Edit, folder, formats=FORMATS, rank: int = 16, model=No
 
 # -- reading files ------------------------------------------------------------------------------
 def _flatten(obj, prefix: str = "") -> dict:
-    """Nested dicts of a torch.load result as 'a.b' keys; tensors and plain values kept."""
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
-            if isinstance(v, dict) and not v:
-                out[f"{prefix}{k}"] = {}
-        return out
-    return {prefix.rstrip("."): obj}
+    """Nested dicts of a torch.load result as 'a.b' keys; tensors, plain values and empty dicts kept."""
+    if not isinstance(obj, dict) or not obj:
+        return {prefix.rstrip("."): obj}
+    return {k: v for key, value in obj.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
 
 
 def read_file(path) -> tuple[dict, dict]:
@@ -300,14 +223,7 @@ def read_file(path) -> tuple[dict, dict]:
     if path.stat().st_size == 0:
         raise StudioError(f"{path.name} is empty (0 bytes)")
     if suffix in TENSOR_SUFFIXES:
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise StudioError(f"{path.name} is not a readable safetensors file: {exc}") from None
+        state, meta = read_tensors(path)
     elif suffix in PICKLE_SUFFIXES:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -328,6 +244,9 @@ def read_file(path) -> tuple[dict, dict]:
                           "(or as .pt/.bin embeddings)")
     if not any(torch.is_tensor(v) and v.numel() for v in state.values()):
         raise StudioError(f"{path.name} is empty: it holds no tensors")
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise StudioError(f"{path.name}: {bad[0]} holds NaN or infinite values")
     return state, meta
 
 
@@ -354,19 +273,6 @@ def detect_format(state: dict) -> str:
 
 
 # -- import -------------------------------------------------------------------------------------
-def kohya_module_map(pipe) -> dict[str, str]:
-    """kohya LoRA name -> pipeline weight name, over every Linear and Conv2d of the UNet and text encoder."""
-    out = {}
-    for component in ("unet", "text_encoder"):
-        module = getattr(pipe, component, None)
-        if module is None:
-            continue
-        for n, m in module.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and ".base_layer" not in n and ".lora_" not in n:
-                out.setdefault(kohya_name(f"{component}.{n}.weight"), f"{component}.{n}.weight")
-    return out
-
-
 def _embedding_from(state: dict, meta: dict, path: Path, default: str | None = None) -> tuple[torch.Tensor, str]:
     """(vectors [n, d], the token the file names) of an embedding file."""
     default = default or path.stem
@@ -382,8 +288,6 @@ def _embedding_from(state: dict, meta: dict, path: Path, default: str | None = N
         raise StudioError(f"{path.name}: the embedding has shape {tuple(getattr(vec, 'shape', ()))}, expected "
                           "[vectors, width]")
     vec = vec.detach().float().reshape(-1, vec.shape[-1]).contiguous()
-    if not torch.isfinite(vec).all():
-        raise StudioError(f"{path.name}: the embedding holds NaN or infinite values")
     if len(vec) > MAX_VECTORS:
         raise StudioError(f"{path.name}: {len(vec)} vectors; at most {MAX_VECTORS} are supported")
     return vec, name
@@ -391,36 +295,19 @@ def _embedding_from(state: dict, meta: dict, path: Path, default: str | None = N
 
 def _lora_from(state: dict, path: Path, pipe) -> dict[str, torch.Tensor]:
     """Concept tensors ({name}.lora_A/B, scale alpha/rank folded into B) of a kohya LoRA."""
-    if pipe is None:
-        raise StudioError(f"{path.name}: importing a LoRA needs the model (pipe=...) to map its kohya names back to "
-                          "the model's layers")
     bad = sorted({k.split(".", 1)[1] for k in state if "." in k and k.split(".", 1)[1].startswith(LYCORIS_PARTS)})
     if bad:
         raise StudioError(f"{path.name} is a LyCORIS/DoRA network ({', '.join(bad[:3])}): only plain LoRA "
                           "(lora_down/lora_up/alpha) can be imported")
-    if any(k.startswith("lora_te2_") for k in state):
-        raise StudioError(f"{path.name} is an SDXL LoRA (two text encoders): it is for another architecture")
-    state = {re.sub(r"^lora_te1_", "lora_te_", k): v for k, v in state.items() if torch.is_tensor(v)}
-    if any(p in k for k in state for p in ("input_blocks", "middle_block", "output_blocks")):
-        from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
-
-        try:
-            state = _maybe_map_sgm_blocks_to_diffusers(dict(state), pipe.unet.config)
-            renames = (("_input_blocks_", "_down_blocks_"), ("_middle_block_", "_mid_block_"),
-                       ("_output_blocks_", "_up_blocks_"))
-            for a, b in renames:  # the block indices are mapped above, the names are left to us
-                state = {k.replace(a, b, 1): v for k, v in state.items()}
-        except (ValueError, IndexError, KeyError) as exc:
-            raise StudioError(f"{path.name}: its original-SD block names do not fit this UNet ({exc}): it is for "
-                              "another architecture") from None
+    family = models.of(pipe)
     groups: dict[str, dict] = {}
-    for key, value in state.items():
+    for key, value in family.lora_from_file(state, path.name).items():
         lora_name, _, part = key.partition(".")
-        if part not in LORA_PARTS or not lora_name.startswith(("lora_unet_", "lora_te_")):
+        if part not in LORA_PARTS or not lora_name.startswith(tuple(family.lora_prefixes.values())):
             raise StudioError(f"{path.name}: unknown key {key!r} (a kohya LoRA has <layer>.lora_down.weight, "
                               ".lora_up.weight and .alpha)")
         groups.setdefault(lora_name, {})[part] = value
-    names = kohya_module_map(pipe)
+    names = family.lora_weights()
     missing = [k for k in groups if k not in names]
     if missing:
         raise StudioError(f"{path.name} does not fit this model: {len(missing)} of its {len(groups)} layers are not "
@@ -433,21 +320,12 @@ def _lora_from(state: dict, path: Path, pipe) -> dict[str, torch.Tensor]:
         name = names[lora_name]
         shape = tuple(find_tensor(pipe, name).shape)
         r = down.shape[0]
-        if len(shape) == 4:  # conv: down is a conv of the layer's kernel (or a flat 1x1), up a 1x1 conv
-            fits = down.dim() in (2, 4) and (down.dim() == 2 or tuple(down.shape[1:]) == shape[1:]) \
-                and down.flatten(1).shape[1] == math.prod(shape[1:])
-        else:  # linear (down/up may come as 1x1 convs)
-            fits = down.dim() in (2, 4) and (down.dim() == 2 or tuple(down.shape[2:]) == (1, 1)) \
-                and down.flatten(1).shape[1] == shape[1]
-        fits = fits and up.dim() in (2, 4) and (up.dim() == 2 or tuple(up.shape[2:]) == (1, 1)) \
-            and tuple(up.flatten(1).shape) == (shape[0], r)
-        if not fits:
+        kernel = shape[1:] if len(shape) == 4 else (shape[1], 1, 1)  # down: flat, or a conv of the layer's kernel
+        if tuple(down.shape) not in ((r, math.prod(kernel)), (r, *kernel)) \
+                or tuple(up.shape) not in ((shape[0], r), (shape[0], r, 1, 1)):  # up: flat or a 1x1 conv
             raise StudioError(f"{path.name}: {lora_name} has down {tuple(down.shape)} / up {tuple(up.shape)}, the "
                               f"model's layer is {shape}: it was made for another architecture")
-        alpha = parts.get("alpha")
-        scale = 1.0 if alpha is None else float(alpha) / r
-        if not math.isfinite(scale) or not (torch.isfinite(down).all() and torch.isfinite(up).all()):
-            raise StudioError(f"{path.name}: {lora_name} holds NaN or infinite values")
+        scale = float(parts.get("alpha", r)) / r  # values are finite: read_file checked them
         out[f"{name}.lora_A"] = down.contiguous()
         out[f"{name}.lora_B"] = (up if scale == 1.0 else up * scale).contiguous()
     return out
@@ -458,7 +336,6 @@ def exact_delta(base: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
     adds it: fp32 sum, cast back); returns it and how many values stay inexact."""
     b, t = base.detach().float().cpu(), target.detach().float().cpu()
     d = t - b
-    bad = torch.zeros_like(d, dtype=torch.bool)
     for _ in range(8):
         got = (b + d).to(base.dtype).float()
         bad = got != t
@@ -471,27 +348,19 @@ def exact_delta(base: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
 def _custom_diffusion_from(state: dict, path: Path, model) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Concept tensors ({name}.delta = trained weight - the model's) of a Custom Diffusion file."""
     pipe, _ = _pipe_of(model)
-    if pipe is None:
-        raise StudioError(f"{path.name}: Custom Diffusion files hold full weights; importing needs the model they "
-                          "were trained on (pipe=...) to turn them into changes")
+    names = {k: n for keys in models.of(pipe).custom_diffusion_keys().values() for k, n in keys.items()}
     out, notes = {}, []
     for key, value in sorted(state.items()):
         if not torch.is_tensor(value) or not value.numel():
             continue  # an attention with default behaviour
-        m = CD_KEY.match(key)
-        if m is None:
-            raise StudioError(f"{path.name}: unknown key {key!r} in a Custom Diffusion file")
-        name = f"unet.{m.group(1)}.{CD_PARTS[m.group(2)]}"
-        try:
-            live = find_tensor(pipe, name)
-        except StudioError:
-            raise StudioError(f"{path.name} does not fit this model: it has no layer {name.removeprefix('unet.')} "
-                              "(the file was made for another architecture)") from None
+        if key not in names:
+            raise StudioError(f"{path.name} does not fit this model: {key!r} is not a Custom Diffusion weight of its "
+                              "attention layers (the file was made for another architecture, or is damaged)")
+        name = names[key]
+        live = find_tensor(pipe, name)
         if tuple(value.shape) != tuple(live.shape):
             raise StudioError(f"{path.name}: {key} has shape {tuple(value.shape)}, the model's {name} is "
                               f"{tuple(live.shape)}: it was made for another architecture")
-        if not torch.isfinite(value).all():
-            raise StudioError(f"{path.name}: {key} holds NaN or infinite values")
         delta, inexact = exact_delta(_base_value(model, name), value.to(live.dtype))
         if inexact:
             notes.append(f"{name}: {inexact} values cannot be reproduced exactly on this model's weights")
@@ -503,9 +372,8 @@ def _custom_diffusion_from(state: dict, path: Path, model) -> tuple[dict[str, to
 
 
 def _expand(paths) -> list[Path]:
-    items = [paths] if isinstance(paths, (str, Path)) else list(paths or [])
     files = []
-    for p in map(Path, items):
+    for p in map(Path, [paths] if isinstance(paths, (str, Path)) else list(paths or [])):
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in TENSOR_SUFFIXES + PICKLE_SUFFIXES)
             if not found:
@@ -545,7 +413,13 @@ def import_concept(paths, token: str | None = None, pipe=None, strength: float =
             if base and pipe is not None and base != base_signature(pipe):
                 notes.append(f"{path.name} was exported from another model (signature {base})")
             continue
-        if fmt == "lora":  # A1111 LoRAs may bundle their trigger's embedding: bundle_emb.<name>.<key>
+        if pipe is None:
+            raise StudioError(f"{path.name}: importing {fmt} weights needs the model (pipe=...) they were made for, to "
+                              "check them against its layers and turn them into changes")
+        if fmt == "custom_diffusion":
+            new, cd_notes = _custom_diffusion_from(state, path, model)
+            notes += cd_notes
+        else:  # a LoRA; A1111's may bundle their trigger's embedding: bundle_emb.<name>.<key>
             bundled: dict[str, dict] = {}
             for key in [k for k in state if k.startswith("bundle_emb.")]:
                 parts = key.split(".", 2)
@@ -556,12 +430,8 @@ def import_concept(paths, token: str | None = None, pipe=None, strength: float =
                 (emb_name, emb_state), = bundled.items()
                 embedding, file_token = _embedding_from(emb_state, {}, path, default=emb_name)
                 formats.append("embedding")
-        new = _lora_from(state, path, pipe) if fmt == "lora" else None
-        if fmt == "custom_diffusion":
-            new, cd_notes = _custom_diffusion_from(state, path, model)
-            notes += cd_notes
-        names = {k.rsplit(".", 1)[0] for k in new}
-        clash = names & {k.rsplit(".", 1)[0] for k in weights}
+            new = _lora_from(state, path, pipe)
+        clash = {k.rsplit(".", 1)[0] for k in new} & {k.rsplit(".", 1)[0] for k in weights}
         if clash:
             raise StudioError(f"{path.name} changes {sorted(clash)[0]} again (another file already did): import "
                               "them as separate concepts")
@@ -571,15 +441,16 @@ def import_concept(paths, token: str | None = None, pipe=None, strength: float =
     if embedding is not None:
         token = str(token or file_token or "").strip()
         if pipe is not None:
-            token = check_token(pipe.tokenizer, token)
-            width = pipe.text_encoder.get_input_embeddings().embedding_dim
+            family = models.of(pipe)
+            token = check_token(family.tokenizers[0], token)
+            width = family.token_tables()[0].embedding_dim
             if embedding.shape[-1] != width:
                 raise StudioError(f"the embedding has width {embedding.shape[-1]}, this text encoder's is {width}: it "
                                   "was made for another architecture")
         elif not TOKEN_PATTERN.match(token):
             raise StudioError(f"token {token!r} must be one word of at most 40 characters, without spaces or commas")
     modules = sorted({k.rsplit(".", 1)[0] for k in weights})
-    params = {"method": "imported", "token": token if embedding is not None else None, "modules": modules,
+    params = {"method": "imported", "token": token, "modules": modules,  # no embedding: token is None
               "strength": check_strength(strength), "name": file_stem(token) if embedding is not None else files[0].stem,
               "formats": sorted(set(formats)), "files": [p.name for p in files],
               "vectors": len(embedding) if embedding is not None else 0,
@@ -588,7 +459,6 @@ def import_concept(paths, token: str | None = None, pipe=None, strength: float =
         params["base_model"] = base_signature(pipe)  # the changes are relative to this model's weights
     if notes:
         params["notes"] = notes
-    tensors = dict(weights)
     if embedding is not None:
-        tensors["embedding"] = embedding
-    return Edit("learned_concept", params, tensors, label=concept_label(params))
+        weights["embedding"] = embedding
+    return Edit("learned_concept", params, weights, label=concept_label(params))

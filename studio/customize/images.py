@@ -2,21 +2,21 @@
 
 Captions follow the kohya/A1111 convention: `cat1.png` may come with `cat1.txt`; '{}' in a caption
 marks where the token goes (without it the token is put in front). Masks (for extraction) are
-optional per image and weight the loss to the object's pixels.
+optional per image and weight the loss to the object's pixels. Pictures are opened and converted by
+studio.images (the checks and errors of every tab).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import StudioError
+from ..images import load_rgb, square, to_tensor
 
 MIN_IMAGES, MAX_IMAGES = 3, 50
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 @dataclass
@@ -27,33 +27,14 @@ class TrainingImage:
     mask: torch.Tensor | None = field(default=None, repr=False)  # [R, R] in {0, 1}
 
 
-def square(image: Image.Image, resolution: int) -> Image.Image:
-    """Centre crop to a square and resize to `resolution` (what diffusers' training scripts do)."""
-    w, h = image.size
-    side = min(w, h)
-    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    return image.crop(box).resize((resolution, resolution), Image.BICUBIC)
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1).contiguous()
-
-
-def open_image(source) -> tuple[Image.Image, str, str | None]:
-    """(RGB image, display name, sidecar caption) from a path or a PIL image."""
-    if isinstance(source, Image.Image):
-        return source.convert("RGB"), "image", None
-    path = Path(str(source))
-    if not path.is_file():
-        raise StudioError(f"{path.name or path}: no such file")
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except (UnidentifiedImageError, OSError):
-        raise StudioError(f"{path.name} is not an image file (accepted: {', '.join(sorted(IMAGE_SUFFIXES))})") from None
+def named(source) -> tuple[str, str | None]:
+    """(display name, sidecar caption) of a training image: a file's name and its `.txt`, if there is one."""
+    if not isinstance(source, (str, os.PathLike)):
+        return "image", None
+    path = Path(source)
     text = path.with_suffix(".txt")
-    caption = text.read_text(encoding="utf-8", errors="replace").strip() or None if text.is_file() else None
-    return image, path.name, caption
+    caption = text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else ""
+    return path.name, caption or None
 
 
 def load_images(sources, resolution: int, captions: list[str | None] | None = None,
@@ -69,9 +50,11 @@ def load_images(sources, resolution: int, captions: list[str | None] | None = No
         raise StudioError(f"{len(sources)} images given; at most {MAX_IMAGES} are used for one concept")
     out, notes = [], []
     for i, source in enumerate(sources):
-        image, name, caption = open_image(source)
+        image, alpha = load_rgb(source)
+        name, caption = named(source)
         if captions and i < len(captions) and captions[i]:
             caption = captions[i]
+        notes += [f"{name}: {alpha}"] if alpha else []
         w, h = image.size
         if min(w, h) < resolution // 2:
             notes.append(f"{name} is only {w}x{h}: upscaled to {resolution}x{resolution}, expect blur")

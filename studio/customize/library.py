@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..edits import Edit
 from ..errors import StudioError
-from ..toyworld.scenes import COLOURS, SHAPES, SceneObject, render
 from .concept import with_strength
 
 COMPOSITIONS = ("merge", "adapters")
@@ -70,9 +67,10 @@ def set_strength(manager, index: int, strength: float | None = None, scope: str 
         return manager.replace(index, with_strength(concept_edit(manager, index), strength, scope))
 
 
-def compose(manager, indices: list[int], how: str, weights: list[float] | None = None):
-    """Replace concepts `indices` by one composition edit ("merge": closed-form K/V merge;
-    "adapters": weighted unfused peft adapters). Their entries are switched off, not deleted."""
+def compose(manager, indices: list[int], how: str, weights: list[float] | None = None,
+            reg_prompts: list[str] | None = None):
+    """Replace concepts `indices` by one composition edit ("merge": closed-form K/V merge preserving
+    `reg_prompts`' outputs; "adapters": weighted unfused peft adapters). Their entries are switched off, not deleted."""
     from . import compose as methods
 
     if how not in COMPOSITIONS:
@@ -89,7 +87,7 @@ def compose(manager, indices: list[int], how: str, weights: list[float] | None =
                     manager.toggle(i)
                     switched.append(i)
             if how == "merge":
-                edit = methods.merge_edit(manager.pipe, concepts)
+                edit = methods.merge_edit(manager.pipe, concepts, reg_prompts)
             else:
                 edit = methods.adapters_edit(concepts, weights or [1.0] * len(concepts))
             return manager.apply(edit)
@@ -97,20 +95,3 @@ def compose(manager, indices: list[int], how: str, weights: list[float] | None =
             for i in switched:
                 manager.toggle(i)
             raise
-
-
-def toy_examples(shape: str = "heart", count: int = 8, seed: int = 0) -> list[tuple[np.ndarray, str]]:
-    """`count` generator images of a toy shape in varied colours and places, with captions ('a red {}')."""
-    rng = np.random.default_rng(seed)
-    colours = list(COLOURS)
-    out = []
-    for i in range(count):
-        obj = SceneObject(shape, colours[i % len(colours)], "solid",
-                          str(rng.choice(["centre", "left", "right", "top", "bottom"])), float(rng.uniform(0.2, 0.3)))
-        out.append((render([obj], rng), f"a {obj.colour} {{}}"))
-    return out
-
-
-def toy_prior_prompts() -> list[str]:
-    """What the toy model must keep drawing while it learns a new shape: every known colour and shape."""
-    return [f"a {c} {s}" for c in COLOURS for s in SHAPES]

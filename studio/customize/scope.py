@@ -4,24 +4,25 @@ prompt names its token (A1111's rule for a LoRA called from the prompt).
 A concept merged into the weights changes every prompt: on the toy model a heart LoRA turned circles into
 hearts. Scoped, a prompt without the token gives the base model's image bit for bit.
 
-The change rides as a forward hook on each changed layer (out += gate * strength * ΔW x), added by
-swapping the layer's hook table through the patch, so undo restores the exact original table and the
-weights are never touched; the hook reports itself to the model fingerprint. (Masking the change to the
-token's region of a region composition was tried twice and never raised the two-concept rate on the toy
-model: 8/16 -> 4/16 images with both shapes for one pair of concepts, 2/16 -> 2/16 for another; so the
-gate is per image.)
+The change rides as a forward hook on each changed layer (out += gate * strength * ΔW x), a 'layer' steering
+slot, so undo restores the exact original hook tables and the weights are never touched; the hook reports
+itself to the model fingerprint. (Masking the change to the token's region of a region composition was
+tried twice and never raised the two-concept rate on the toy model: 8/16 -> 4/16 images with both shapes
+for one pair of concepts, 2/16 -> 2/16 for another; so the gate is per image.)
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import models, steering
+from ..attention.tokens import prompt_ids, token_positions
+from ..edits import module_slot
 from ..errors import StudioError
-from .compose import Steering, _signature, module_slot
+from ..fingerprint import edit_digest
 
 SCOPES = {"prompt": "prompts that use its token", "always": "every prompt (merged into the weights)"}
 
@@ -33,7 +34,42 @@ def check_scope(scope) -> str:
     return scope
 
 
-class PromptScope(Steering):
+class PromptWords:
+    """What each steering object of this package knows of the generation in progress (begin_generation): per
+    conditional row, where each of its words sits; the batch layout ([negative, prompt] under guidance),
+    the latent size and the denoising passes so far. Generations nest (a collage draws each region in
+    one of its own): when one ends, the state of the one around it comes back."""
+
+    def __init__(self, pipe, words: list[str], signature: str):
+        self.pipe, self.words, self.signature = pipe, words, signature
+        self.positions: list[list[list[int]]] | None = None  # row -> word -> token positions ([]: absent)
+        self.lengths: list[int] = []  # row -> tokens up to and with EOS
+        self.cfg, self.latent_hw, self.passes = False, None, 0
+        self.outer: list[tuple] = []
+
+    def fingerprint(self) -> str:
+        return f"{type(self).__name__}[{self.signature}]"
+
+    def begin_generation(self, plan: steering.Plan) -> None:
+        self.outer.append((self.positions, self.lengths, self.cfg, self.latent_hw, self.passes))
+        model, rows, lengths = models.of(self.pipe), [], []
+        for p in map(model.spelled, plan.prompts):
+            rows += [[self.find(p, model.spelled(w)) for w in self.words]] * plan.images
+            lengths += [len(prompt_ids(self.pipe.tokenizer, p))] * plan.images
+        self.positions, self.lengths, self.cfg, self.passes = rows, lengths, bool(plan.cfg), 0
+        self.latent_hw = model.latent_shape(plan.height, plan.width)[1:] if plan.height and plan.width else None
+
+    def end_generation(self) -> None:  # later direct UNet calls (training) are no generation's
+        self.positions, self.lengths, self.cfg, self.latent_hw, self.passes = self.outer.pop()
+
+    def find(self, prompt: str, word: str) -> list[int]:
+        try:
+            return token_positions(self.pipe.tokenizer, prompt, word)
+        except StudioError:
+            return []  # the word is not in this prompt: nothing to steer for it
+
+
+class PromptScope(PromptWords):
     """Which rows of the UNet batch belong to images whose prompt uses one of the concept's tokens."""
 
     def gate(self, batch: int) -> torch.Tensor | None:
@@ -79,24 +115,16 @@ class ScopedChange:
 def install_scoped(pipe, params: dict, tensors: dict, changes: dict[str, tuple], strength: float, patch) -> None:
     """Hook each changed UNet layer (`changes`: weight name -> factors) behind one prompt scope."""
     tokens = [params["token"], *params.get("more_tokens", [])]
-    scope = PromptScope(pipe, tokens, 1.0, _signature(params, tensors))
-    scope.install(patch, processors=False)
+    scope, sites = PromptScope(pipe, tokens, edit_digest(params, tensors)), {}
     for name, factors in changes.items():
-        _, _, module = module_slot(pipe, name)
-        hook = ScopedChange(scope, name, module, factors, strength)
-        table = OrderedDict(module._forward_hooks)
-        table[id(hook)] = hook
-        patch.set_attr(module, "_forward_hooks", table)
+        module = module_slot(pipe, name)[2]
+        sites[name] = (module, ScopedChange(scope, name, module, factors, strength))
+    steering.install(patch, pipe, "layer", "scoped " + ", ".join(tokens), scope, sites)
 
 
 def prompt_scopes(pipe) -> list[PromptScope]:
-    """The scopes of the concepts applied now, one per concept, in layer order."""
-    found = {}
-    for module in pipe.unet.modules():
-        for hook in module._forward_hooks.values():
-            if isinstance(hook, ScopedChange):
-                found.setdefault(id(hook.scope), hook.scope)
-    return list(found.values())
+    """The scopes of the concepts applied now, one per concept, in the order they were applied."""
+    return [s.obj for s in steering.slots(pipe, "layer") if isinstance(s.obj, PromptScope)]
 
 
 @contextmanager

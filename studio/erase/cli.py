@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..toyworld import concepts as toy_concepts
+from ..toyworld.presets import erasure_report, is_toy, toy_captions
 from . import esd
 from .closed_form import DEFAULTS, erase_edit
 from .guard import guard_edit
-from .report import erasure_report
 
 
 def _list(text: str) -> list[str]:
@@ -57,8 +56,8 @@ def command(args, manager) -> list[str]:
         edit = guard_edit(args.concepts, templates=templates)
     else:
         captions = args.captions
-        if captions is None and manager.info.kind == "builtin-toy":
-            captions = [t.format(args.concepts[0]) for t in toy_concepts.templates(args.concepts[0])]
+        if captions is None and is_toy(manager):
+            captions = toy_captions(args.concepts[0])
         edit = esd.train_esd(manager, args.concepts[0], method=args.esd_method, rank=args.rank, steps=args.steps,
                              lr=args.lr, concept_prompts=captions, progress=lambda i, n: print(f"\rstep {i}/{n}", end="", flush=True))
     entry = manager.apply(edit)

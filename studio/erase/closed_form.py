@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ..edits import Edit, edit_kind, named_tensors
+from .. import models
+from ..edits import Edit, edit_kind
+from ..checks import known
 from ..errors import StudioError
 from .text import concept_rows, templates_for
 
@@ -32,9 +34,7 @@ def erase_edit(erase: list[str] | str, **params) -> Edit:
 
 
 def check_params(params: dict) -> dict:
-    unknown = set(params) - set(DEFAULTS) - {"erase"}
-    if unknown:
-        raise StudioError(f"unknown erasure parameter(s): {', '.join(sorted(unknown))}")
+    known(params, {*DEFAULTS, "erase"}, "erasure")
     p = {**DEFAULTS, **params}
     erase = [c.strip() for c in p.get("erase", []) if c.strip()]
     if not erase:
@@ -69,7 +69,7 @@ def check_params(params: dict) -> dict:
 
 
 def edited_layers(pipe, layers: str = "kv") -> list[str]:
-    names = [n for n in named_tensors(pipe) if n.startswith("unet.") and n.endswith(LAYER_SUFFIXES[layers])]
+    names = [n for n in models.of(pipe).text_projections() if n.endswith(LAYER_SUFFIXES[layers])]
     if not names:
         raise StudioError("this UNet has no cross-attention K/V layers to edit")
     return names

@@ -25,12 +25,9 @@ never changes during training.
 Instead of the weights, a low-rank adapter (rank 1-4) is trained, as SPM does: ESD-x on the
 cross-attention projections (attn2 to_q/to_k/to_v/to_out.0), ESD-x-kv on its keys and values only
 (they read only the text, so other prompts are touched least), ESD-u on everything else in the
-transformer blocks (attn1 and feed-forward linears). The adapter lives in forward hooks on the
-nn.Linear modules (`out += x @ A.T @ B.T`, A small random, B zero), so no parameter name changes,
-nothing is written into the model while training, and removing the hooks restores it exactly.
-The trained adapter is returned as an Edit of kind "esd_lora": applying it merges
-`W + strength * B @ A` into each weight through the edit stack (exact undo/redo, savable,
-re-appliable from its tensors).
+transformer blocks (attn1 and feed-forward linears). It is training's peft LoRA on exactly those
+layers (A = randn / sqrt(in) from the run's seed, B = 0), switched off for the frozen model, and
+returned as an "esd_lora" Edit: applying it merges `W + strength * B @ A` into each weight.
 
     edit = train_esd(manager, "red", concept_prompts=["a red star", "a red triangle"])
     manager.apply(edit)                          # one entry in the history
@@ -53,15 +50,18 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Callable
 
 import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
+from .. import models, training
+from ..checks import number, whole
 from ..edits import Edit, edit_kind
 from ..errors import StudioError
 from ..generation import parse_seed
+from ..models import Conditioning
+from ..training import Preview, Progress, is_toy
 from .text import encode
 
 METHODS = {
@@ -78,10 +78,6 @@ MAX_STEPS = 5000
 DEFAULT_PREVIEW_EVERY = 50
 DEFAULT_TRAJECTORIES = 16
 PREVIEW_GUIDANCE = 7.5
-
-Progress = Callable[[int, int], None]
-Preview = Callable[[int, list], None]
-
 
 # -- which modules ----------------------------------------------------------------------------
 def target_modules(unet: nn.Module, method: str) -> dict[str, nn.Linear]:
@@ -103,98 +99,27 @@ def target_modules(unet: nn.Module, method: str) -> dict[str, nn.Linear]:
     return out
 
 
-# -- the adapter as forward hooks ---------------------------------------------------------------
-class LoraHooks:
-    """A LoRA on each given Linear, as forward hooks: out += x @ A.T @ B.T (A small random, B zero).
-
-    `enabled = False` gives the frozen model. `remove()` takes every hook off; the modules' own
-    parameters are never touched."""
-
-    def __init__(self, modules: dict[str, nn.Linear], rank: int, generator: torch.Generator, device):
-        self.enabled = False
-        self.A: dict[str, torch.Tensor] = {}
-        self.B: dict[str, torch.Tensor] = {}
-        self._handles = []
-        try:
-            for name, module in modules.items():
-                a = torch.randn(rank, module.in_features, generator=generator) / math.sqrt(module.in_features)
-                self.A[name] = a.to(device).requires_grad_(True)
-                self.B[name] = torch.zeros(module.out_features, rank, device=device, requires_grad=True)
-                self._handles.append(module.register_forward_hook(self._hook(name)))
-        except BaseException:
-            self.remove()
-            raise
-
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            if not self.enabled:
-                return None
-            x = args[0]
-            delta = (x.float() @ self.A[name].t()) @ self.B[name].t()
-            return output + delta.to(output.dtype)
-        return hook
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [*self.A.values(), *self.B.values()]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+# -- sampling with the frozen model ------------------------------------------------------------
+def _noise(family, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Starting latents drawn on the CPU from the run's generator (the same draws as before the pipeline loop)."""
+    size = family.default_size
+    x = torch.randn(batch, *family.latent_shape(size, size), generator=generator)
+    return x.to(family.denoiser.device, family.denoiser.dtype)
 
 
-# -- sampling with the (frozen or adapted) model --------------------------------------------------
-def _encode(pipe, prompts: list[str]) -> torch.Tensor:
-    return encode(pipe, prompts).to(pipe.unet.dtype)
+def _trajectory(family, ddim, noise, cond, guidance: float, tick) -> torch.Tensor:
+    """The latents before each step of the frozen model's whole DDIM schedule: [batch, steps, C, H, W], on CPU."""
+    out = [noise.cpu()]
+    tick()
 
+    def keep(pipe, i, t, kwargs):
+        tick()
+        out.append(kwargs["latents"].cpu())
+        return kwargs
 
-def _eps(unet, x, t, cond) -> torch.Tensor:
-    t = torch.as_tensor(t, device=x.device)
-    if t.dim() == 0:
-        t = t.expand(x.shape[0])
-    return unet(x.to(unet.dtype), t, encoder_hidden_states=cond).sample.float()
-
-
-@torch.no_grad()
-def _ddim_step(unet, scheduler, latents, i: int, cond, uncond, guidance: float) -> torch.Tensor:
-    """Step i of the scheduler's (already set) DDIM schedule, with classifier-free guidance."""
-    b, t = latents.shape[0], scheduler.timesteps[i]
-    both = _eps(unet, torch.cat([latents, latents]).to(unet.dtype), t,
-                torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)]))
-    u, c = both.chunk(2)
-    return scheduler.step(u + guidance * (c - u), t, latents.float()).prev_sample
-
-
-def _ddim(unet, scheduler, latents, cond, uncond, n: int, guidance: float, check=None) -> torch.Tensor:
-    """Run the first `n` steps of the DDIM schedule."""
-    for i in range(n):
-        if check:
-            check()
-        latents = _ddim_step(unet, scheduler, latents, i, cond, uncond, guidance)
-    return latents
-
-
-def _trajectory(unet, scheduler, latents, cond, uncond, guidance: float, check=None) -> torch.Tensor:
-    """The latents before each step of the whole DDIM schedule: [batch, steps, C, H, W], on CPU."""
-    out = []
-    for i in range(len(scheduler.timesteps)):
-        if check:
-            check()
-        out.append(latents.cpu())
-        if i + 1 < len(scheduler.timesteps):
-            latents = _ddim_step(unet, scheduler, latents, i, cond, uncond, guidance)
+    family.denoise(Conditioning(cond), steps=len(ddim.timesteps), guidance=guidance, scheduler=ddim, latents=noise,
+                   on_step=keep, stop_after=len(ddim.timesteps) - 1, output="latent")
     return torch.stack(out, 1)
-
-
-def _noise(pipe, batch: int, generator: torch.Generator) -> torch.Tensor:
-    c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    return torch.randn(batch, c, s, s, generator=generator).to(pipe.unet.device)
-
-
-@torch.no_grad()
-def _decode(pipe, latents) -> list:
-    image = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
-    return pipe.image_processor.postprocess(image.float(), output_type="pil")
 
 
 def neutral_prompt(prompt: str, concept: str) -> str:
@@ -212,29 +137,6 @@ def neutral_prompt(prompt: str, concept: str) -> str:
 
 
 # -- validation ---------------------------------------------------------------------------------
-def _number(name: str, v, lo: float, hi: float, lo_open: bool = False) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise StudioError(f"{name} must be a number (got {v!r})") from None
-    if not math.isfinite(f) or f < lo or f > hi or (lo_open and f == lo):
-        lower = f"above {lo:g}" if lo_open else f"from {lo:g}"
-        raise StudioError(f"{name} must be a number {lower} up to {hi:g} (got {v!r})")
-    return f
-
-
-def _whole(name: str, v, lo: int, hi: int) -> int:
-    try:
-        f = float(v)
-        if f != int(f):
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        raise StudioError(f"{name} must be a whole number from {lo} to {hi} (got {v!r})") from None
-    if not lo <= int(f) <= hi:
-        raise StudioError(f"{name} must be from {lo} to {hi} (got {v!r})")
-    return int(f)
-
-
 def _prompt_list(prompts) -> list[str]:
     """A list of prompts from a list or from text with one prompt a line (a UI textbox)."""
     if isinstance(prompts, str):
@@ -257,7 +159,7 @@ def _check_method(method) -> str:
 
 def suggested_lr(pipe) -> float:
     """The UI's default learning rate for this model: TOY_LR for toy-sized models, SD_LR otherwise."""
-    return TOY_LR if pipe.unet.config.cross_attention_dim < 512 else SD_LR
+    return TOY_LR if is_toy(pipe) else SD_LR
 
 
 def esd_label(concept: str, method: str, rank: int, strength: float = 1.0) -> str:
@@ -286,73 +188,67 @@ def train_esd(manager, concept: str, *, method: str = "esd-x", rank: int = 2, st
     every training step (total = their sum), `preview(step, images)` every `preview_every` training
     steps (and at the end) with `preview_seeds` images from the adapted model (image i shows
     prompt i of [concept, *concept_prompts]). The whole run holds the manager's job lock; a stop
-    request raises JobStopped and, since the adapter only ever lives in hooks, leaves the model
+    request raises JobStopped and, since the adapter is removed whatever happens, leaves the model
     exactly as it was. Bad settings raise StudioError before anything runs.
     """
     concept = str(concept or "").strip()
     if not concept:
         raise StudioError("the concept to erase is empty: type the word or phrase to erase (e.g. 'red')")
     method = _check_method(method)
-    rank = _whole("LoRA rank", rank, 1, MAX_RANK)
-    steps = _whole("training steps", steps, 1, MAX_STEPS)
-    lr = None if lr is None else _number("learning rate", lr, 0.0, 1.0, lo_open=True)
-    eta = _number("eta (negative guidance)", eta, 0.0, 20.0)
-    anchor_weight = _number("anchor weight", anchor_weight, 0.0, 1000.0)
-    sample_steps = _whole("sampling steps", sample_steps, 1, 200)
-    guidance = _number("sampling guidance", guidance, 0.0, 50.0)
-    batch = _whole("batch size", batch, 1, 16)
-    trajectories = _whole("trajectories", trajectories or 0, 0, 256)
-    preview_every = _whole("preview interval", preview_every, 1, MAX_STEPS)
-    preview_seeds = _whole("preview images", preview_seeds, 1, 8)
+    rank = whole("LoRA rank", rank, 1, MAX_RANK)
+    steps = whole("training steps", steps, 1, MAX_STEPS)
+    lr = None if lr is None else number("learning rate", lr, 0.0, 1.0, lo_open=True)
+    eta = number("eta (negative guidance)", eta, 0.0, 20.0)
+    anchor_weight = number("anchor weight", anchor_weight, 0.0, 1000.0)
+    sample_steps = whole("sampling steps", sample_steps, 1, 200)
+    guidance = number("sampling guidance", guidance, 0.0, 50.0)
+    batch = whole("batch size", batch, 1, 16)
+    trajectories = whole("trajectories", trajectories or 0, 0, 256)
+    preview_every = whole("preview interval", preview_every, 1, MAX_STEPS)
+    preview_seeds = whole("preview images", preview_seeds, 1, 8)
     seed = parse_seed(seed)
     anchors = _prompt_list(anchor_prompts)
     prompts = [concept] + [p for p in _prompt_list(concept_prompts) if p != concept]
 
     with manager.job():
         pipe = manager.pipe
-        unet, device = pipe.unet, pipe.unet.device
+        family = models.of(pipe)
+        unet, device = family.denoiser, family.denoiser.device
         lr = suggested_lr(pipe) if lr is None else lr
         modules = target_modules(unet, method)
         if not modules:
             raise StudioError(f"this model's UNet has no layers for {method} ({METHODS[method]})")
         gen = torch.Generator("cpu").manual_seed(seed)
-        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        scheduler.set_timesteps(sample_steps)
-        timesteps = scheduler.timesteps.to(device)
-        prompt_embeds, uncond = _encode(pipe, prompts), _encode(pipe, [""])
-        neutral_embeds = _encode(pipe, [neutral_prompt(p, concept) for p in prompts])
-        preview_cond = prompt_embeds[torch.arange(preview_seeds) % len(prompts)]  # image i shows prompt i
-        fixed_anchors = _encode(pipe, anchors) if anchors else None
+        init = {n: torch.randn(rank, m.in_features, generator=gen) / math.sqrt(m.in_features) for n, m in modules.items()}
+        ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+        ddim.set_timesteps(sample_steps)
+        timesteps = ddim.timesteps.to(device)
+        prompt_embeds = encode(pipe, prompts)
+        neutral_embeds = encode(pipe, [neutral_prompt(p, concept) for p in prompts])
+        preview_cond = Conditioning(prompt_embeds[torch.arange(preview_seeds) % len(prompts)])  # image i: prompt i
+        fixed_anchors = encode(pipe, anchors) if anchors else None
+        preview_noise = _noise(family, preview_seeds, torch.Generator("cpu").manual_seed(seed))
+        names = [n.removeprefix("unet.").removesuffix(".weight") for n in modules]
+        # progress counts the batched sampling steps of the trajectories, then the training steps
+        sampling = math.ceil(trajectories / 8) * sample_steps
+        total, ticks = sampling + steps, [0]
 
-        grad_flags = [(p, p.requires_grad) for p in unet.parameters()]
-        hooks = None
-        try:
-            for p, _ in grad_flags:
-                p.requires_grad_(False)
-            hooks = LoraHooks(modules, rank, gen, device)
-            opt = torch.optim.Adam(hooks.parameters(), lr=lr)
-            preview_noise = _noise(pipe, preview_seeds, torch.Generator("cpu").manual_seed(seed))
-            start = time.perf_counter()
-            # progress counts the batched sampling steps of the trajectories, then the training steps
-            sampling = math.ceil(trajectories / 8) * sample_steps
-            total, ticks = sampling + steps, [0]
+        def tick():
+            manager.check_stop()
+            ticks[0] += 1
+            if progress:
+                progress(ticks[0], total)
 
-            def tick():
-                manager.check_stop()
-                ticks[0] += 1
-                if progress and ticks[0] <= sampling:
-                    progress(ticks[0], total)
+        def check(pipe, i, t, kwargs):
+            manager.check_stop()
+            return kwargs
 
-            pool = None
-            if trajectories:  # the frozen model's DDIM trajectories for the concept, sampled once
-                pool_prompt = torch.arange(trajectories) % len(prompts)
-                pool = torch.cat([_trajectory(unet, scheduler, _noise(pipe, min(8, trajectories - i), gen),
-                                              prompt_embeds[pool_prompt[i:i + 8]], uncond, guidance, tick)
-                                  for i in range(0, trajectories, 8)])
-            ratios = []
-            for step in range(steps):
-                manager.check_stop()
-                hooks.enabled = False
+        def eps(x, t, conds: list) -> tuple:
+            k = len(conds)
+            return family.predict(x.repeat(k, 1, 1, 1), t.repeat(k), Conditioning(torch.cat(conds))).float().chunk(k)
+
+        def loss(step):
+            with torch.no_grad(), training.adapters_off(unet):
                 if pool is not None:  # x_t: a random point of a random trajectory
                     n = torch.randint(0, sample_steps, (batch,), generator=gen)
                     j = torch.randint(0, len(pool), (batch,), generator=gen)
@@ -361,56 +257,38 @@ def train_esd(manager, concept: str, *, method: str = "esd-x", rank: int = 2, st
                 else:  # x_t: a fresh trajectory of the frozen model, run part of the way (as published)
                     n = torch.randint(0, sample_steps, (1,), generator=gen).expand(batch)
                     pi = torch.randint(0, len(prompts), (batch,), generator=gen)
-                    x = _ddim(unet, scheduler, _noise(pipe, batch, gen), prompt_embeds[pi], uncond, int(n[0]),
-                              guidance, manager.check_stop)
-                t = timesteps[n.to(device)]
-                anchor = None
-                if anchor_weight > 0:
-                    anchor = (fixed_anchors[torch.randint(0, len(fixed_anchors), (batch,), generator=gen)]
-                              if fixed_anchors is not None else _random_prompt_embeddings(pipe, batch, gen))
-                conds = [prompt_embeds[pi], neutral_embeds[pi]] + ([anchor] if anchor is not None else [])
-                with torch.no_grad():
-                    frozen = _eps(unet, x.repeat(len(conds), 1, 1, 1), t.repeat(len(conds)),
-                                  torch.cat(conds)).chunk(len(conds))
-                    e_c, e_0 = frozen[0], frozen[1]
-                    target = e_c - eta * (e_c - e_0)
-                hooks.enabled = True
-                trained = [conds[0]] + ([anchor] if anchor is not None else [])
-                pred = _eps(unet, x.repeat(len(trained), 1, 1, 1), t.repeat(len(trained)),
-                            torch.cat(trained)).chunk(len(trained))
-                erase_loss = nn.functional.mse_loss(pred[0], target)
-                loss = erase_loss
-                if anchor is not None:
-                    loss = loss + anchor_weight * nn.functional.mse_loss(pred[1], frozen[2])
-                if not torch.isfinite(loss):
-                    raise StudioError(f"ESD training diverged at step {step + 1} (loss {float(loss)}): "
-                                      f"lower the learning rate (now {lr:g})")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    ratios.append(float(erase_loss / nn.functional.mse_loss(e_c, target).clamp_min(1e-12)))
-                done = step + 1
-                if progress:
-                    progress(sampling + done, total)
-                if preview and (done % preview_every == 0 or done == steps):
-                    manager.check_stop()
-                    with torch.no_grad():
-                        latents = _ddim(unet, scheduler, preview_noise.clone(), preview_cond, uncond, sample_steps,
-                                        PREVIEW_GUIDANCE, manager.check_stop)
-                        images = _decode(pipe, latents)
-                    preview(done, images)
+                    x = family.denoise(Conditioning(prompt_embeds[pi]), steps=sample_steps, guidance=guidance,
+                                       scheduler=ddim, latents=_noise(family, batch, gen), on_step=check,
+                                       stop_after=int(n[0]), output="latent")
+                t, anchor = timesteps[n.to(device)], []
+                if anchor_weight > 0:  # other prompts, pulled toward the frozen model on the same x_t
+                    anchor = [fixed_anchors[torch.randint(0, len(fixed_anchors), (batch,), generator=gen)]
+                              if fixed_anchors is not None else _random_prompt_embeddings(family, batch, gen)]
+                frozen = eps(x, t, [prompt_embeds[pi], neutral_embeds[pi], *anchor])
+                e_c, e_0 = frozen[0], frozen[1]
+                target = e_c - eta * (e_c - e_0)
+            pred = eps(x, t, [prompt_embeds[pi], *anchor])
+            erase_loss = nn.functional.mse_loss(pred[0], target)
+            ratios.append(float(erase_loss.detach() / nn.functional.mse_loss(e_c, target).clamp_min(1e-12)))
+            return erase_loss + (anchor_weight * nn.functional.mse_loss(pred[1], frozen[2]) if anchor else 0)
+
+        def draw():
+            return family.denoise(preview_cond, steps=sample_steps, guidance=PREVIEW_GUIDANCE, scheduler=ddim,
+                                  latents=preview_noise.clone(), on_step=check)
+
+        with training.frozen(pipe, train_mode=False), training.lora(unet, rank, names, seed, init=init) as factors:
+            start, pool, ratios = time.perf_counter(), None, []
+            if trajectories:  # the frozen model's DDIM trajectories for the concept, sampled once
+                pool_prompt = torch.arange(trajectories) % len(prompts)
+                with training.adapters_off(unet):
+                    pool = torch.cat([_trajectory(family, ddim, _noise(family, min(8, trajectories - i), gen),
+                                                  prompt_embeds[pool_prompt[i:i + 8]], guidance, tick)
+                                      for i in range(0, trajectories, 8)])
+            training.train(manager, loss, factors, steps, lr=lr, what="ESD training",
+                           progress=progress and (lambda done, _: progress(sampling + done, total)),
+                           preview=preview, draw=draw, preview_every=preview_every)
             seconds = time.perf_counter() - start
-            tensors = {}
-            for name in modules:
-                tensors[f"{name}.lora_A"] = hooks.A[name].detach().float().cpu().contiguous()
-                tensors[f"{name}.lora_B"] = hooks.B[name].detach().float().cpu().contiguous()
-        finally:
-            if hooks is not None:
-                hooks.enabled = False
-                hooks.remove()
-            for p, flag in grad_flags:
-                p.requires_grad_(flag)
+            tensors = training.detached(factors)
 
     every = max(1, steps // 20)
     curve = [round(sum(ratios[i:i + every]) / len(ratios[i:i + every]), 3) for i in range(0, steps, every)]
@@ -423,9 +301,9 @@ def train_esd(manager, concept: str, *, method: str = "esd-x", rank: int = 2, st
     return Edit("esd_lora", params, tensors, label=esd_label(concept, method, rank))
 
 
-def _random_prompt_embeddings(pipe, batch: int, gen: torch.Generator) -> torch.Tensor:
+def _random_prompt_embeddings(family, batch: int, gen: torch.Generator) -> torch.Tensor:
     """Text-encoder outputs for prompts of 1-5 random vocabulary tokens ('other' embeddings for anchoring)."""
-    tok = pipe.tokenizer
+    tok = family.tokenizers[0]
     special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
     rows = []
     for _ in range(batch):
@@ -434,7 +312,7 @@ def _random_prompt_embeddings(pipe, batch: int, gen: torch.Generator) -> torch.T
         ids = [tok.bos_token_id, *ids, tok.eos_token_id]
         rows.append(ids + [tok.pad_token_id] * (tok.model_max_length - len(ids)))
     with torch.no_grad():
-        return pipe.text_encoder(torch.tensor(rows, device=pipe.text_encoder.device))[0].to(pipe.unet.dtype)
+        return family.encode([], ids=torch.tensor(rows, device=family.text_encoders[0].device)).embeds.float()
 
 
 # -- the edit -----------------------------------------------------------------------------------
@@ -442,7 +320,7 @@ def with_strength(edit: Edit, strength: float) -> Edit:
     """The same adapter at another strength (a new Edit sharing the tensors)."""
     if edit.kind != "esd_lora":
         raise StudioError(f"{edit.title} is not an ESD adapter (kind {edit.kind!r})")
-    s = _number("strength", strength, -10.0, 10.0)
+    s = number("strength", strength, -10.0, 10.0)
     p = edit.params
     return Edit(edit.kind, {**p, "strength": s}, edit.tensors,
                 label=esd_label(p.get("concept", "?"), p.get("method", "esd"), p.get("rank", 0), s))
@@ -451,10 +329,7 @@ def with_strength(edit: Edit, strength: float) -> Edit:
 @edit_kind("esd_lora")
 def apply_esd_lora(pipe, params: dict, tensors: dict, patch) -> None:
     """Merge each adapter into its weight: W + strength * B @ A (computed in fp32)."""
-    strength = params.get("strength", 1.0)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
-            or abs(strength) > 10:
-        raise StudioError(f"adapter strength must be a finite number from -10 to 10 (got {strength!r})")
+    strength = number("adapter strength", params.get("strength", 1.0), -10, 10)
     names = params.get("modules")
     if not isinstance(names, list) or not names:
         raise StudioError("this ESD edit lists no layers: it is damaged; train it again")

@@ -4,21 +4,24 @@ For each concept, its direction is the mean of (concept vector − neutral vecto
 and its subspace the top singular directions of those differences. At generation time a prompt
 token "triggers" when its score along a concept's direction exceeds `threshold` × the score of the
 concept word itself; from the first trigger on (CLIP's causal encoder spreads the concept into every
-later token) the tokens' components in the subspace are replaced by the neutral ones. The
-pipeline's `encode_prompt` is swapped through the edit stack, so the guard toggles instantly and
-undoes exactly, but anyone holding the weights can bypass it: the UI says so.
+later token) the tokens' components in the subspace are replaced by the neutral ones. The guard is
+a 'condition' steering slot installed through the edit stack, so it toggles instantly and undoes
+exactly, but anyone holding the weights can bypass it: the UI says so.
 
 SAFREE finds triggers by masking each token; a direct score is one matrix product and, measured on
 the toy model, separates red/crimson/scarlet (9.2–9.5) from orange (6.3) and the other colours (≤ 4.2).
 """
 from __future__ import annotations
 
-import functools
+from dataclasses import replace
 
 import torch
 
+from .. import steering
 from ..edits import Edit, edit_kind
+from ..checks import known
 from ..errors import StudioError
+from ..fingerprint import tensor_digest
 from .text import concept_rows, templates_for
 
 DEFAULTS = dict(templates="object", threshold=0.75, energy=0.9, max_rank=16)
@@ -43,6 +46,12 @@ class ConceptGuard:
         hit = (scores > self.thresholds.to(emb.device)).any(-1)
         hit[:, 0] = False
         return hit.int().cummax(dim=1).values.bool()
+
+    def fingerprint(self) -> str:
+        return "ConceptGuard:" + tensor_digest(torch.cat([self.directions.flatten(), self.basis.flatten()]))
+
+    def condition(self, cond, plan):
+        return replace(cond, embeds=self.clean(cond.embeds))
 
     def clean(self, emb: torch.Tensor) -> torch.Tensor:
         basis, centre = self.basis.to(emb.device), self.centre.to(emb.device)
@@ -75,15 +84,6 @@ def build_guard(pipe, p: dict) -> ConceptGuard:
 
 @edit_kind("erase_guard")
 def apply_guard(pipe, params: dict, tensors: dict, patch) -> None:
-    unknown = set(params) - set(DEFAULTS) - {"concepts"}
-    if unknown:
-        raise StudioError(f"unknown guard parameter(s): {', '.join(sorted(unknown))}")
+    known(params, {*DEFAULTS, "concepts"}, "guard")
     guard = build_guard(pipe, {**DEFAULTS, **params})
-    encode = pipe.encode_prompt
-
-    @functools.wraps(encode)
-    def guarded(*args, **kwargs):
-        embeds, negative = encode(*args, **kwargs)
-        return guard.clean(embeds), negative
-
-    patch.set_attr(pipe, "encode_prompt", guarded)
+    steering.install(patch, pipe, "condition", "guard " + ", ".join(params["concepts"]), guard)

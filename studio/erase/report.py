@@ -13,11 +13,8 @@ import torch
 
 from ..errors import StudioError
 from ..generation import GenerationRequest
-from ..toyworld import concepts as toy
 from .closed_form import LAYER_SUFFIXES
 from .text import encode
-
-PARAPHRASES = ("a photo of {}", "{} on the left", "a picture of {} at the top")
 
 
 @dataclass
@@ -66,24 +63,6 @@ class ErasureReport:
         return fig
 
 
-def probes(erased: list[str], preserve: list[str] = ()) -> list[Probe]:
-    """The toy-world prompts that judge erasing `erased` (words the toy world knows)."""
-    out = []
-    for word in erased:
-        c = toy.canonical(word)
-        own = toy.prompts(word)
-        out += [Probe(f"efficacy: {word}", p, c) for p in own]
-        out += [Probe(f"generality: synonyms of {word}", p, c) for s in toy.synonyms(word) for p in toy.prompts(s)[:2]]
-        out += [Probe(f"generality: paraphrases of {word}", t.format(own[i]), c) for i, t in enumerate(PARAPHRASES)]
-        out += [Probe(f"robustness: attack on {word}", p, c, attack=True) for p in own]
-        if toy.kind(word) == "style":  # the rest of the same prompts must survive
-            out += [Probe(f"specificity: {word} prompts' shapes", p, p.split()[-1]) for p in own]
-        others = [n for n in list(preserve) + toy.neighbours(word) if toy.canonical(n) not in map(toy.canonical, erased)]
-        out += [Probe("specificity: neighbours", toy.prompts(n)[i % 2], toy.canonical(n))
-                for i, n in enumerate(dict.fromkeys(others))]
-    return out
-
-
 def attack_embedding(manager, prompt: str, entry, lam: float = 1e-3) -> torch.Tensor | None:
     """RECE's attack: c' = (Σ W'ᵀW' + λI)⁻¹ Σ W'ᵀW c over the K/V layers `entry` changed (None if none)."""
     names = [n for n in entry.patch.originals if n.endswith(LAYER_SUFFIXES["kv"]) and ".attn2." in n]
@@ -99,11 +78,12 @@ def attack_embedding(manager, prompt: str, entry, lam: float = 1e-3) -> torch.Te
     return attacked.unsqueeze(0).to(pipe.device, pipe.text_encoder.dtype)
 
 
-def erasure_report(manager, erased: list[str], preserve: list[str] = (), index: int | None = None,
-                   seeds: int = 4, steps: int = 20, progress=None) -> ErasureReport:
-    """Score history entry `index` (1-based, default: the latest applied) against the model before it."""
-    from ..toyworld.evaluate import bundled_oracle
+def erasure_report(manager, erased: list[str], index: int | None = None, seeds: int = 4, steps: int = 20,
+                   progress=None, *, probes: list[Probe] | None = None, presence=None) -> ErasureReport:
+    """Score history entry `index` (1-based, default: the latest applied) against the model before it.
 
+    `probes` and `presence(image, concept) -> 0..1`, the instrument that scores them, come from the caller
+    (the toy world's presets); without them the report is a before/after grid of generic prompts."""
     report = ErasureReport()
     with manager.lock:
         stack = manager.stack
@@ -111,14 +91,11 @@ def erasure_report(manager, erased: list[str], preserve: list[str] = (), index: 
         if not 1 <= index <= stack.position:
             raise StudioError("there is no applied edit to report on: erase something first")
         entry = stack.entries[index - 1]
-        unknown = [w for w in erased if toy.kind(w) is None]
-        if manager.info.kind != "builtin-toy" or unknown:
+        measured = probes is not None and presence is not None
+        if not measured:
             report.notes.append("No oracle for this model/concept: showing the before/after grid only "
                                 "(no CLIP model is available locally to score it).")
-            items = [Probe(p, p, "") for w in erased for p in (f"a photo of {w}", f"{w}", f"art by {w}")]
-        else:
-            items = probes(erased, preserve)
-        oracle = bundled_oracle() if not report.notes else None
+        items = probes if measured else [Probe(p, p, "") for w in erased for p in (f"a photo of {w}", w, f"art by {w}")]
         here = stack.position
         try:
             results = {}
@@ -149,8 +126,8 @@ def erasure_report(manager, erased: list[str], preserve: list[str] = (), index: 
             shown.add(probe.group)
             report.grid += [(before[0], f"before · {probe.prompt}"),
                             (results["after", i][0], f"after · {probe.prompt}" + (" (attack)" if probe.attack else ""))]
-        if oracle:
-            rate = lambda ims: sum(oracle.presence(im, probe.concept) for im in ims) / len(ims)  # noqa: E731
+        if measured:
+            rate = lambda ims: sum(presence(im, probe.concept) for im in ims) / len(ims)  # noqa: E731
             report.rows.append(dict(group=probe.group, prompt=probe.prompt, concept=probe.concept,
                                     before=rate(before), after=rate(results["after", i])))
     return report

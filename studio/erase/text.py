@@ -8,27 +8,23 @@ from __future__ import annotations
 
 import torch
 
+from .. import models
 from ..errors import StudioError
 
 TEMPLATES = {
     "object": ["{}", "a {}", "a photo of a {}", "a picture of a {}"],
     "style": ["{}", "art by {}", "a painting in the style of {}", "{} style"],
     "none": ["{}"],
-}
+}  # a preset is a list, or a function concept -> list: the toy world registers "toy" (toyworld/presets.py)
 
 
 def templates_for(spec, concept: str = "") -> list[str]:
-    """A preset name ('object', 'style', 'none', 'toy') or a list of templates with one '{}' each.
-
-    'toy' puts the word where the toy world's captions put a word of its kind.
-    """
+    """A preset name (see TEMPLATES) or a list of templates with one '{}' each."""
     if isinstance(spec, str):
-        if spec == "toy":
-            from ..toyworld.concepts import templates
-            return templates(concept)
         if spec not in TEMPLATES:
-            raise StudioError(f"unknown template preset {spec!r}; use one of {', '.join(TEMPLATES)}, toy or a list")
-        return TEMPLATES[spec]
+            raise StudioError(f"unknown template preset {spec!r}; use one of {', '.join(TEMPLATES)} or a list")
+        preset = TEMPLATES[spec]
+        return preset(concept) if callable(preset) else preset
     templates = [t for t in spec if t.strip()]
     bad = [t for t in templates if t.count("{}") != 1]
     if bad or not templates:
@@ -44,9 +40,7 @@ def encode(pipe, prompts: list[str]) -> torch.Tensor:
         n = len(tok(p).input_ids)
         if n > tok.model_max_length:
             raise StudioError(f"prompt {p[:60]!r} is {n} tokens; the text encoder reads {tok.model_max_length}")
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0].float()
+    return models.of(pipe).encode(prompts).embeds.float()
 
 
 def word_start(tokenizer, template: str, word: str) -> tuple[int, int]:

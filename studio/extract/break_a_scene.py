@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from ..attention.capture import attention_probs, cross_attention_resolutions, project_qk
-from ..customize.concept import base_signature, check_token, concept_label, install_tokens
+from .. import models, steering, training
+from ..attention.capture import CaptureProcessor, attention_probs, cross_attention_resolutions, project_qk
+from ..checks import base_signature, number, whole
+from ..customize.concept import check_token, concept_label, install_tokens
 from ..customize.images import TrainingImage
-from ..customize.train import (ADAPTER, LORA_TARGETS, TokenHook, _ids, _number, _target, _whole, add_lora,
-                               check_no_adapters,
-                               encode_images, initial_vectors, is_toy, remove_lora)
 from ..edits import Edit, Patch
 from ..errors import StudioError
 from ..generation import GenerationRequest, parse_seed
+from ..training import LORA_TARGETS, TokenHook, check_no_adapters, is_toy
 
 # published: phase 1 lr 5e-4 (tokens), phase 2 lr 2e-6 (full UNet + tokens); with a LoRA we use 1e-4.
 # Toy model: attention weight 0.1 (bench_extract, scene 11: the second token's shape 38% -> 100% vs 1e-2)
@@ -44,27 +44,27 @@ def caption(tokens: list[str]) -> str:
     return "a " + " and a ".join(tokens)
 
 
-class CrossAttentionMaps:
-    """Forward pre-hooks on the cross-attention layers of one resolution that keep, with gradients,
-    their attention probabilities (mean over heads): (B, N, 77) per layer, for the attention loss."""
+class AttentionMaps:
+    """A steering 'attention' slot that keeps, with gradients, the attention probabilities (mean over heads,
+    (B, N, 77)) of every cross-attention layer at one resolution, for the attention loss."""
 
-    def __init__(self, unet, resolution: int):
-        self.maps: list[torch.Tensor] = []
-        self.handles = []
-        self.resolution = resolution
-        for name, module in unet.named_modules():
-            if name.endswith("attn2"):
-                self.handles.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
+    def __init__(self, resolution: int):
+        self.resolution, self.maps = resolution, []
 
-    def _hook(self, attn, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] == self.resolution ** 2:
-            q, k = project_qk(attn, hidden, kwargs.get("encoder_hidden_states"))
+    @classmethod
+    def install(cls, patch, pipe, resolution: int) -> "AttentionMaps":
+        maps = cls(resolution)
+        steering.install(patch, pipe, "attention", "Break-A-Scene attention maps", maps,
+                         models.of(pipe).attention_sites(cross=True))
+        return maps
+
+    def wrap(self, site, attn, processor):
+        return CaptureProcessor(processor, self, site)
+
+    def on_cross(self, name, attn, hidden_states, context) -> None:
+        if hidden_states.shape[1] == self.resolution ** 2:
+            q, k = project_qk(attn, hidden_states, context)
             self.maps.append(attention_probs(attn, q, k).mean(1))
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def attention_loss(probs: torch.Tensor, positions: list[list[torch.Tensor]], masks: list[torch.Tensor]):
@@ -106,9 +106,7 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
                      steps_tokens: int | None = None, steps_joint: int | None = None, lr_tokens: float | None = None,
                      lr_joint: float | None = None, rank: int = 4, lora_targets: str = "attention+ff",
                      attention_weight: float | None = None, background: bool = True, isolate: bool = True,
-                     batch: int = 2, seed=0,
-                     progress=None, preview=None,
-                     preview_every: int = 100) -> Edit:
+                     batch: int = 2, seed=0, progress=None, preview=None, preview_every: int = 100) -> Edit:
     """Learn `tokens[i]` for the object under `masks[i]` of `image`; returns the edit (not applied).
 
     `progress(step, total)` every step; `preview(step, images)` every `preview_every` steps with one
@@ -125,13 +123,13 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
     check_no_adapters(pipe.unet)
     def get(key, v, lo, hi):
         d = DEFAULTS.get(f"toy_{key}", DEFAULTS[key]) if toy else DEFAULTS[key]
-        return _number(key.replace("_", " "), d if v in (None, "") else v, lo, hi)
+        return number(key.replace("_", " "), d if v in (None, "") else v, lo, hi)
 
-    steps_tokens = _whole("token steps", get("steps_tokens", steps_tokens, 0, 20000), 0, 20000)
-    steps_joint = _whole("joint steps", get("steps_joint", steps_joint, 0, 20000), 0, 20000)
+    steps_tokens = whole("token steps", get("steps_tokens", steps_tokens, 0, 20000), 0, 20000)
+    steps_joint = whole("joint steps", get("steps_joint", steps_joint, 0, 20000), 0, 20000)
     lr_tokens, lr_joint = get("lr_tokens", lr_tokens, 0, 1), get("lr_joint", lr_joint, 0, 1)
     attention_weight = get("attention_weight", attention_weight, 0, 100)
-    rank, batch, seed = _whole("LoRA rank", rank, 1, 256), _whole("batch size", batch, 1, 16), parse_seed(seed)
+    rank, batch, seed = whole("LoRA rank", rank, 1, 256), whole("batch size", batch, 1, 16), parse_seed(seed)
     if lora_targets not in LORA_TARGETS:
         raise StudioError(f"unknown LoRA targets {lora_targets!r}: choose one of {', '.join(LORA_TARGETS)}")
     total = steps_tokens + steps_joint
@@ -142,42 +140,29 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
     attn_res = 16 if 16 in resolutions else max(resolutions)  # the published 16x16 maps where they exist
 
     with manager.job(), ExitStack() as cleanup:
-        unet, text_encoder, device = pipe.unet, pipe.text_encoder, pipe.unet.device
+        family = models.of(pipe)
+        unet, device = family.denoiser, family.denoiser.device
         gen = torch.Generator("cpu").manual_seed(seed)
-        flags = [(p, p.requires_grad) for m in (unet, text_encoder, pipe.vae) for p in m.parameters()]
-        cleanup.callback(lambda: [p.requires_grad_(f) for p, f in flags])
-        for p, _ in flags:
-            p.requires_grad_(False)
+        cleanup.enter_context(training.frozen(pipe))
         patch = Patch(pipe)
         cleanup.callback(patch.undo)
-        init = initial_vectors(pipe, "", 1, False)
+        init = family.text_encoders[0].get_input_embeddings().weight.mean(0).float().cpu()[None]
         ids = [install_tokens(pipe, t, init, patch)[0] for t in tokens]
-        hook = TokenHook(text_encoder.get_input_embeddings(), ids, init.expand(len(ids), -1))
+        hook = TokenHook(family.text_encoders[0].get_input_embeddings(), ids, init.expand(len(ids), -1))
         cleanup.callback(hook.handle.remove)
-        maps = CrossAttentionMaps(unet, attn_res)
-        cleanup.callback(maps.remove)
-        unet.train()
-        cleanup.callback(unet.eval)
+        maps = AttentionMaps.install(patch, pipe, attn_res)
 
         subsets_all = [tuple(j for j in range(len(tokens)) if k >> j & 1) for k in range(1, 2 ** len(tokens))]
         if isolate:  # each subset's own picture: the other objects painted over with the background
             pictures = [isolated(image, masks, keep) for keep in subsets_all]
         else:
             pictures = [image] * len(subsets_all)
-        x0_all = encode_images(pipe, pictures, flip=False).to(device)
+        x0_all = family.encode_images(torch.stack([p.tensor for p in pictures])).to(device)
         latent_masks = torch.stack([mask_tensor(m, latent) for m in masks]).to(device)
         attn_masks = torch.stack([mask_tensor(m, attn_res) for m in masks]).to(device)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        opt = torch.optim.AdamW([hook.vectors], lr=lr_tokens, weight_decay=0.0)
-        lora, start, losses = {}, time.perf_counter(), []
-        for step in range(total):
-            manager.check_stop()
-            if step == steps_tokens:  # phase 2: tokens and a LoRA together
-                cleanup.callback(lambda: remove_lora(unet))
-                lora = add_lora(unet, rank, lora_targets)
-                weights = [p for m in lora.values() for p in (m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight)]
-                opt = torch.optim.AdamW([{"params": [hook.vectors], "lr": lr_joint},
-                                         {"params": weights, "lr": lr_joint}], weight_decay=0.0)
+
+        def loss(step):
             subsets = [torch.randperm(len(tokens), generator=gen)[:int(torch.randint(1, len(tokens) + 1, (1,),
                                                                                       generator=gen))].tolist()
                        for _ in range(batch)]
@@ -188,44 +173,35 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
                 union = torch.ones_like(union)
             elif background:  # also the pixels no concept claims: "a <a>" then learns a plain background
                 union = torch.maximum(union, 1 - latent_masks.amax(0))
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
             maps.maps.clear()
-            ids_batch = _ids(pipe, prompts)
-            cond = text_encoder(ids_batch)[0]
-            pred = unet(scheduler.add_noise(x0, noise, t).to(unet.dtype), t,
-                        encoder_hidden_states=cond).sample.float()
-            err = (pred - _target(scheduler, x0, noise, t)) ** 2
-            loss = (err * union).sum() / (union.sum() * err.shape[1]).clamp_min(1)
+            ids_batch = family.token_ids(prompts)
+            err = training.diffusion_error(family, scheduler, x0, family.encode(prompts, ids_batch), gen)
+            value = (err * union).sum() / (union.sum() * err.shape[1]).clamp_min(1)
             if attention_weight and maps.maps:
                 positions = [[(ids_batch[b] == ids[i]).nonzero()[:, 0] for i in s] for b, s in enumerate(subsets)]
-                loss = loss + attention_weight * attention_loss(torch.stack(maps.maps).mean(0), positions,
-                                                                [attn_masks[s] for s in subsets])
-            if not torch.isfinite(loss):
-                raise StudioError(f"training diverged at step {step + 1}: lower the learning rates")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if progress:
-                progress(step + 1, total)
-            if preview and ((step + 1) % preview_every == 0 or step + 1 == total):
-                unet.eval()
-                with torch.no_grad():
-                    shots = [manager.generate(GenerationRequest(f"a {tok}", seed=seed)).images[0] for tok in tokens]
-                unet.train()
-                preview(step + 1, shots)
+                value = value + attention_weight * attention_loss(torch.stack(maps.maps).mean(0), positions,
+                                                                  [attn_masks[s] for s in subsets])
+            return value
+
+        def draw():
+            return [manager.generate(GenerationRequest(f"a {tok}", seed=seed)).images[0] for tok in tokens]
+
+        run = dict(total=total, progress=progress, preview=preview, draw=draw, preview_every=preview_every)
+        start, lora = time.perf_counter(), {}
+        losses = training.train(manager, loss, {"embedding": hook.vectors}, steps_tokens, lr=lr_tokens, **run)
+        if steps_joint:  # phase 2: tokens and a LoRA together, a fresh optimiser
+            lora = cleanup.enter_context(training.lora(unet, rank, lora_targets, seed))
+            losses += training.train(manager, loss, {"embedding": hook.vectors, **lora}, total, lr=lr_joint,
+                                     start=steps_tokens, **run)
         tensors = {"embedding": hook.vectors[:1].detach().float().cpu().clone()}
         tensors.update({f"embedding.{i}": hook.vectors[i:i + 1].detach().float().cpu().clone()
                         for i in range(1, len(tokens))})
-        for n, m in lora.items():
-            tensors[f"{n}.lora_A"] = m.lora_A[ADAPTER].weight.detach().float().cpu().contiguous()
-            tensors[f"{n}.lora_B"] = (m.lora_B[ADAPTER].weight.detach().float() * m.scaling[ADAPTER]).cpu().contiguous()
+        tensors.update(training.detached(lora))
         seconds = time.perf_counter() - start
 
     tail = losses[-max(1, len(losses) // 10):]
     params = dict(method="break-a-scene", token=tokens[0], more_tokens=tokens[1:], strength=1.0,
-                  modules=sorted(n for n in lora), base_model=base_signature(pipe), steps=total,
+                  modules=sorted({n.rsplit('.', 1)[0] for n in lora}), base_model=base_signature(pipe), steps=total,
                   steps_tokens=steps_tokens, steps_joint=steps_joint, lr_tokens=lr_tokens, lr_joint=lr_joint, rank=rank,
                   lora_targets=lora_targets, attention_weight=attention_weight, batch=batch, seed=seed,
                   background=background, isolate=isolate, train_seconds=round(seconds, 2), final_loss=round(sum(tail) / len(tail), 5))

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..customize.images import TrainingImage, to_tensor
+from .. import models
+from ..customize.images import TrainingImage
 from ..errors import StudioError
 from ..generation import GenerationRequest
+from ..images import fit_mask, load_rgb, open_image, to_tensor
 from .break_a_scene import extract_concepts
-from .localize import check_masks, find_concepts, fit_mask, prepare_image
+from .localize import check_masks, find_concepts, prepare_image
 
 
 def _click(text: str) -> tuple[int, float, float]:
@@ -50,8 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args, manager) -> list[str]:
-    pipe = manager.pipe
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = models.of(manager.pipe).default_size
     if args.toy_scene is not None:
         from ..toyworld.scenes import make_scene
 
@@ -64,23 +65,23 @@ def command(args, manager) -> list[str]:
     if args.find:
         masks = find_concepts(manager, picture, count=args.count)
     elif args.click:
-        from .sam import SamMasks, load_rgb
+        from .sam import SamMasks
 
         sam = SamMasks.load(args.sam_checkpoint)
-        original = load_rgb(source)  # clicks are in the original image's pixels
+        original = load_rgb(source)[0]  # clicks are in the original image's pixels
         masks = []
         for k in sorted({c[0] for c in args.click}):
             pts = [(x, y) for j, x, y in args.click if j == k]
             masks.append(fit_mask(sam.masks_from_clicks(original, pts, [1] * len(pts)), size))
     else:
-        masks = [fit_mask(np.asarray(Image.open(m).convert("L")), size) for m in args.mask]
+        masks = [fit_mask(open_image(m).convert("L"), size) for m in args.mask]
     lines += check_masks(masks, picture.shape[:2])
     if args.save_masks:
         Path(args.save_masks).mkdir(parents=True, exist_ok=True)
         for i, m in enumerate(masks):
             Image.fromarray(m.astype(np.uint8) * 255).save(Path(args.save_masks) / f"mask-{i + 1}.png")
     tokens = [t.strip() for t in args.tokens.split(",") if t.strip()]
-    edit = extract_concepts(manager, TrainingImage(to_tensor(Image.fromarray(picture))), masks, tokens,
+    edit = extract_concepts(manager, TrainingImage(to_tensor(picture)), masks, tokens,
                             steps_tokens=args.steps_tokens, steps_joint=args.steps_joint, rank=args.rank,
                             progress=lambda i, n: print(f"\rstep {i}/{n}", end="", flush=True))
     print()
@@ -91,11 +92,12 @@ def command(args, manager) -> list[str]:
 
         from ..toyworld.evaluate import bundled_oracle
 
-        readings = bundled_oracle().read(picture)
+        oracle = bundled_oracle()
+        readings = oracle.read(picture)
         concepts = [(r.shape, r.colour) for r in
                     (max(readings, key=lambda r: (r.mask & m).sum()) for m in masks)] if readings else []
         if len(concepts) == len(tokens):
-            rows = table(evaluate_extraction(manager, tokens, concepts))
+            rows = table(evaluate_extraction(manager, tokens, concepts, oracle))
             lines += ["token | object | shape | colour | ACC@1"] + [" | ".join(map(str, r)) for r in rows]
         else:
             lines.append("report: the oracle could not read the objects under the masks")

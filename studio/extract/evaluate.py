@@ -1,4 +1,4 @@
-"""How well extracted tokens hold their objects, on the toy world through the oracle.
+"""How well extracted tokens hold their objects, read by an oracle the caller passes (the toy world's).
 
 - identity: "a <token>" shows the object's shape and colour (share of images);
 - ACC@1: each image of "a <token>" is classified as the extracted concept whose (shape, colour)
@@ -21,14 +21,10 @@ def classify(readings, concepts: list[tuple[str, str]]) -> int | None:
     return scores.index(best) if best > 0 and scores.count(best) == 1 else None
 
 
-def evaluate_extraction(manager, tokens: list[str], concepts: list[tuple[str, str]], seeds: int = 8,
+def evaluate_extraction(manager, tokens: list[str], concepts: list[tuple[str, str]], oracle, seeds: int = 8,
                         steps: int = 20) -> dict:
     """Per token: shape and colour rates and ACC@1; plus the rate of whole scenes. `concepts[i]` is
-    the (shape, colour) the oracle should read for tokens[i]."""
-    from ..toyworld.evaluate import bundled_oracle
-
-    oracle = bundled_oracle()
-
+    the (shape, colour) `oracle.read(image)` should find for tokens[i]."""
     def read(prompt):
         return [oracle.read(im) for im in
                 manager.generate(GenerationRequest(prompt, seed=0, batch=seeds, steps=steps)).images]

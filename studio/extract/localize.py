@@ -24,8 +24,8 @@ empty prompt does not single out the objects there (its mean over objects is ~0.
 mean), so ranking defaults to self-attention kept inside a cluster; "eot" is an option.
 
 `prepare_image` turns any upload (path, PIL, array; alpha; any size) into the model's square RGB
-input, `fit_mask` applies the same crop and resize to a mask, `check_masks` refuses mask sets that
-cannot be trained on (none, empty, whole image, overlapping).
+input (studio.images' `fit_mask` applies the same crop and resize to a mask), `check_masks` refuses
+mask sets that cannot be trained on (none, empty, whole image, overlapping).
 """
 from __future__ import annotations
 
@@ -36,13 +36,15 @@ from functools import cmp_to_key
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from PIL import Image
 
-from ..attention.any_image import noising, open_image
+from .. import models
+from ..attention.any_image import encoded, noised, noising
+from ..attention.capture import capture
 from ..attention.tokens import sequence_length
 from ..errors import StudioError
 from ..generation import parse_seed
+from ..images import crop_box, load_rgb, open_image, square
 
 DEFAULT_TIMESTEP = 200
 DEFAULT_CLUSTERS = 6
@@ -51,27 +53,6 @@ MAX_CONCEPTS = 8
 
 
 # -- the image ---------------------------------------------------------------------------------------
-def flatten_alpha(im: Image.Image) -> tuple[Image.Image, str | None]:
-    """RGB, with transparent pixels composited on white; a note if any pixel was (partly) transparent."""
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        alpha = np.asarray(rgba)[..., 3]
-        if alpha.max() == 0:
-            raise StudioError("the image is fully transparent: there is nothing to see in it")
-        if alpha.min() < 255:
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            flat = Image.alpha_composite(white, rgba).convert("RGB")
-            return flat, "transparent pixels were put on a white background"
-    return im.convert("RGB"), None
-
-
-def crop_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """The centred square (left, top, right, bottom) that `prepare_image` keeps of a width x height image."""
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
-
-
 def prepare_image(image, size: int) -> tuple[np.ndarray, list[str]]:
     """The model's input: (size x size x 3 uint8 RGB, notes on what was changed).
 
@@ -79,47 +60,20 @@ def prepare_image(image, size: int) -> tuple[np.ndarray, list[str]]:
     Transparency is composited on white; a non-square image is centre-cropped to a square (the
     same crop as `crop_box`/`fit_mask`), then resized to size x size.
     """
-    im = open_image(image)
     size = int(size)
     if size < 8:
         raise StudioError(f"the model's image size must be at least 8 (got {size})")
-    notes = []
-    if min(im.size) < 8:
-        raise StudioError(f"the image is too small ({im.width}x{im.height}); it needs at least 8x8 pixels")
-    im, note = flatten_alpha(im)
-    notes += [note] if note else []
-    w, h = im.size
+    im, note = load_rgb(image)
+    notes = [note] if note else []
+    (w, h), side = im.size, min(im.size)
     if w != h:
         box = crop_box(w, h)
-        im = im.crop(box)
-        notes.append(f"the {w}x{h} image was centre-cropped to {box[2] - box[0]}x{box[3] - box[1]} "
+        notes.append(f"the {w}x{h} image was centre-cropped to {side}x{side} "
                      f"(pixels {box[0]}..{box[2] - 1} across, {box[1]}..{box[3] - 1} down): the model works on squares")
-    if im.size != (size, size):
-        notes.append(f"resized from {im.width}x{im.height} to the model's {size}x{size}")
-        im = im.resize((size, size), Image.BICUBIC if im.width < size else Image.LANCZOS)
+    if side != size:
+        notes.append(f"resized from {side}x{side} to the model's {size}x{size}")
+    im = square(im, size, Image.BICUBIC if side < size else Image.LANCZOS)
     return np.asarray(im, dtype=np.uint8).copy(), notes
-
-
-def fit_mask(mask, size: int) -> np.ndarray:
-    """A mask drawn on the original image, with the crop and resize of `prepare_image`: (size, size) bool.
-
-    Accepts bool or 0..1 arrays, uint8 0..255 images (grey, RGB or RGBA: any channel set counts)."""
-    m = np.asarray(mask)
-    if m.ndim == 3:
-        m = m[..., :3].max(-1) if m.shape[-1] in (3, 4) else m[..., 0]
-    if m.ndim != 2:
-        raise StudioError(f"a mask must be a 2-D array (got shape {m.shape})")
-    m = m.astype(np.float32)
-    if m.max() > 1:
-        m = m / 255.0
-    h, w = m.shape
-    left, top, right, bottom = crop_box(w, h)
-    t = torch.from_numpy(np.ascontiguousarray(m[top:bottom, left:right]))[None, None]
-    if t.shape[-1] >= size:
-        t = F.interpolate(t, size=(size, size), mode="area")
-    else:
-        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-    return (t[0, 0] >= 0.5).numpy()
 
 
 def _to_image_size(soft: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -259,26 +213,19 @@ def attention_features(manager, picture: np.ndarray, *, timestep: int = DEFAULT_
     """
     seed = parse_seed(seed)
     with manager.job():
-        pipe = manager.pipe
+        pipe, model = manager.pipe, models.of(manager.pipe)
         timestep, repeats = noising(pipe, timestep, repeats)
-        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        size = model.default_size
         picture = np.asarray(picture)
         if picture.shape != (size, size, 3) or picture.dtype != np.uint8:
             raise StudioError(f"the image must be the model's {size}x{size} RGB input: pass it through prepare_image")
         start = time.perf_counter()
-        device, dtype = pipe.device, pipe.unet.dtype
         tokens = sequence_length(pipe.tokenizer, prompt)
-        with manager.capture(per_step=False, tokens=tokens, self_steps=(0,)) as session, torch.no_grad():
-            x = pipe.image_processor.preprocess(Image.fromarray(picture), height=size, width=size)
-            latent = pipe.vae.encode(x.to(device, pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
-            noise = torch.randn((repeats, *latent.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
-            t = torch.tensor([timestep], device=device)
-            noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(
-                latent.expand(repeats, -1, -1, -1).to(dtype), noise.to(device, dtype), t)
-            cond = pipe.encode_prompt(prompt, device, repeats, False)[0]
+        with capture(manager, per_step=False, tokens=tokens, self_steps=(0,)) as session, torch.no_grad():
+            noisy, t = noised(model, picture, timestep, repeats, seed)
             session.begin(False, noisy.shape[-2:])
             manager.check_stop()
-            pipe.unet(noisy, t, encoder_hidden_states=cond)
+            model.predict(noisy, t, encoded(model, [prompt], repeats))
         kept = {name: pair for (_, name), pair in session.self_qk.items()}
         affinity, grid, used = aggregate_self_attention(kept, session.geometry)   # on the model's device
         affinity = affinity.cpu()
@@ -607,8 +554,7 @@ def localize(manager, image, *, count: int | None = None, timestep: int = DEFAUL
         raise StudioError(f"clusters must be from 2 to 16 (got {clusters})")
     original = open_image(image)
     width, height = original.size
-    pipe = manager.pipe
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = models.of(manager.pipe).default_size
     picture, notes = prepare_image(original, size)
     features = attention_features(manager, picture, timestep=timestep, seed=seed, repeats=repeats, prompt=prompt)
     k = max(clusters, (count or 0) + 2)

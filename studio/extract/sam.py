@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import write_atomically
 from ..errors import StudioError
-from .localize import flatten_alpha, left_to_right, open_image
+from ..images import load_rgb
+from .localize import left_to_right
 
 SAM_VIT_B = "sam_vit_b_01ec64.pth"
 SAM_VIT_B_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
@@ -226,14 +228,6 @@ def image_to_display(points, display_size, image_size) -> np.ndarray:
     return np.stack([(pts[:, 0] + 0.5) * dw / w - 0.5, (pts[:, 1] + 0.5) * dh / h - 0.5], 1)
 
 
-def load_rgb(image) -> np.ndarray:
-    """H x W x 3 uint8 RGB of a path, PIL image or array; transparency composited on white; no resizing."""
-    im = open_image(image)
-    if min(im.size) < 8:
-        raise StudioError(f"the image is too small ({im.width}x{im.height}); it needs at least 8x8 pixels")
-    return np.asarray(flatten_alpha(im)[0], dtype=np.uint8).copy()
-
-
 # -- the wrapper -----------------------------------------------------------------------------------
 @dataclass
 class SamMasks:
@@ -285,10 +279,9 @@ class SamMasks:
         path = Path(path)
         if path.suffix.lower() != ".safetensors":
             raise StudioError("save Segment Anything weights as .safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.sam.state_dict().items()}
-        save_file(state, str(path), metadata={"sam_config": self.config.to_json(), "format": "pt"})
-        return path
+        meta = {"sam_config": self.config.to_json(), "format": "pt"}
+        return write_atomically(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
     # -- prompts -----------------------------------------------------------------------------------
     def _set_image(self, rgb: np.ndarray) -> None:
@@ -308,7 +301,7 @@ class SamMasks:
         click SAM proposes three masks and the one with the best predicted IoU is kept
         (`multimask`); with more prompts it makes one.
         """
-        rgb = load_rgb(image)
+        rgb = np.array(load_rgb(image)[0])
         h, w = rgb.shape[:2]
         pts = np.asarray(list(points) if points is not None else [], dtype=np.float64).reshape(-1, 2)
         lab = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -350,7 +343,7 @@ class SamMasks:
         `max_masks` by predicted IoU x stability, ordered left to right. H x W bool each."""
         from segment_anything import SamAutomaticMaskGenerator
 
-        rgb = load_rgb(image)
+        rgb = np.array(load_rgb(image)[0])
         total = rgb.shape[0] * rgb.shape[1]
         options.setdefault("points_per_side", 16)
         with self._lock:

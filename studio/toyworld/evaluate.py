@@ -151,16 +151,16 @@ def attention_iou(manager, specs: list[PromptSpec], seeds: int = SEEDS, steps: i
     """
     import torch
 
-    from ..attention.capture import CrossAttentionStore, capture_cross_attention, token_positions
+    from ..attention.capture import capture
+    from ..attention.tokens import token_positions
 
     oracle = oracle or bundled_oracle()
     ious, chances = [], []
     for spec in specs:
         want = spec.objects[0]
-        store = CrossAttentionStore()
-        with manager.lock, capture_cross_attention(manager.pipe.unet, store):
+        with capture(manager) as session:
             result = manager.generate(GenerationRequest(spec.prompt, seed=0, batch=seeds, steps=steps))
-        maps = store.maps(size=64)[:, token_positions(manager.pipe.tokenizer, spec.prompt, want.shape)].mean(1)
+        maps = session.cross.maps(size=64)[:, token_positions(manager.pipe.tokenizer, spec.prompt, want.shape)].mean(1)
         for image, m in zip(result.images, maps):
             found = [r for r in oracle.read(image) if r.shape == want.shape]
             if not found:

@@ -1,0 +1,255 @@
+"""The Stable Diffusion 1.x/2.x family: one CLIP text encoder, a UNet with cross-attention, AutoencoderKL.
+
+Everything here is what real SD checkpoints do; the bundled toy model is the same architecture, smaller.
+Generation is the diffusers pipeline's own loop (`denoise`), fed with prompt embeddings this family
+encoded, so the studio's images are the pipeline's images bit for bit.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from ..errors import StudioError
+
+VAE_BATCH = 8  # images per VAE call: bounds the activation memory of encoding many training images
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser reads of a batch of prompts: one row per prompt.
+
+    embeds: (B, T, d) token states cross-attention reads; pooled: (B, d') one vector per prompt (SD: CLIP's
+    pooled output, which only losses use; SDXL/Flux: a model input); extra: other model inputs by name."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def rows(self, index) -> "Conditioning":
+        pick = (lambda t: t[index]) if torch.is_tensor(index) or isinstance(index, slice) else (lambda t: t[[index]])
+        return replace(self, embeds=pick(self.embeds), pooled=None if self.pooled is None else pick(self.pooled),
+                       extra={k: pick(v) for k, v in self.extra.items()})
+
+    def to(self, dtype) -> "Conditioning":
+        return replace(self, embeds=self.embeds.to(dtype), pooled=None if self.pooled is None else self.pooled.to(dtype),
+                       extra={k: v.to(dtype) if v.is_floating_point() else v for k, v in self.extra.items()})
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        first = items[0]
+        pooled = None if first.pooled is None else torch.cat([c.pooled for c in items])
+        return Conditioning(torch.cat([c.embeds for c in items]), pooled,
+                            {k: torch.cat([c.extra[k] for c in items]) for k in first.extra})
+
+
+class StableDiffusion:
+    title = "Stable Diffusion 1.x/2.x"
+    pipeline_names = ("StableDiffusionPipeline",)
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @staticmethod
+    def matches(pipe) -> bool:
+        return hasattr(pipe, "unet") and hasattr(pipe, "text_encoder") and getattr(pipe, "text_encoder_2", None) is None
+
+    @staticmethod
+    def load(source, kind: str, dtype: torch.dtype):
+        """The pipeline from a diffusers folder / hub id (`kind` folder|hub) or a single checkpoint file."""
+        from diffusers import StableDiffusionPipeline
+
+        if kind == "single-file":
+            return StableDiffusionPipeline.from_single_file(source, load_safety_checker=False, dtype=dtype)
+        return StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False,
+                                                       dtype=dtype)
+
+    # -- text ---------------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.pipe.unet
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.pipe.tokenizer]
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [self.pipe.text_encoder]
+
+    @property
+    def max_tokens(self) -> int:
+        return self.pipe.tokenizer.model_max_length
+
+    def spelled(self, prompt: str) -> str:
+        """A prompt with every multi-vector token spelled out ("<x>" -> "<x> <x>_1 ..."), as the pipeline reads it."""
+        convert = getattr(self.pipe, "maybe_convert_prompt", None)
+        return convert(prompt, self.pipe.tokenizer) if convert else prompt
+
+    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        """(B, max_tokens) padded, truncated ids of the spelled prompts, on the text encoder's device."""
+        tok = self.pipe.tokenizer
+        return tok([self.spelled(p) for p in prompts], padding="max_length", max_length=tok.model_max_length,
+                   truncation=True, return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
+
+    def encode(self, prompts: list[str], ids: torch.Tensor | None = None) -> Conditioning:
+        """The prompts as the denoiser reads them (the pipeline's encode_prompt, without its batch repeat), in
+        the text encoder's dtype. Gradients flow when the caller enables them (token training); `ids` replaces
+        the tokenized prompts (raw token sequences)."""
+        out = self.pipe.text_encoder(self.token_ids(prompts) if ids is None else ids)
+        return Conditioning(out[0], out[1])
+
+    def text_projections(self) -> dict[str, nn.Linear]:
+        """The layers that read only the text: every cross-attention's K and V, by weight name (UCE, Custom
+        Diffusion, ESD-x-kv and the closed-form merge rewrite these)."""
+        return {f"unet.{n}.weight": m for n, m in self.pipe.unet.named_modules()
+                if isinstance(m, nn.Linear) and n.split(".")[-2:-1] == ["attn2"] and n.endswith(("to_k", "to_v"))}
+
+    def attention_sites(self, cross: bool | None = None) -> dict[str, nn.Module]:
+        """Every attention layer by its processor name ('down_blocks.0....attn2.processor'): cross=True the
+        text-conditioned ones, False the self-attention ones, None all."""
+        from diffusers.models.attention_processor import Attention
+
+        return {f"{n}.processor": m for n, m in self.pipe.unet.named_modules() if isinstance(m, Attention)
+                and (cross is None or m.is_cross_attention == cross)}
+
+    # -- pictures and latents ----------------------------------------------------------------------------
+    @property
+    def default_size(self) -> int:
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        return max(8, self.pipe.vae_scale_factor)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.pipe.vae_scale_factor
+        return self.pipe.unet.config.in_channels, height // f, width // f
+
+    @torch.no_grad()
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (posterior mean x scaling factor, fp32) of pictures x in [-1, 1], (N, 3, H, W)."""
+        vae = self.pipe.vae
+        out = [vae.encode(x[i:i + VAE_BATCH].to(vae.device, vae.dtype)).latent_dist.mean
+               for i in range(0, len(x), VAE_BATCH)]
+        return torch.cat(out).float() * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Pictures in [-1, 1] (fp32, on the CPU) of latents z."""
+        vae = self.pipe.vae
+        out = [vae.decode(z[i:i + VAE_BATCH].to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+               for i in range(0, len(z), VAE_BATCH)]
+        return torch.cat(out).float().cpu()
+
+    def to_pil(self, x: torch.Tensor) -> list:
+        return self.pipe.image_processor.postprocess(x.float(), output_type="pil")
+
+    # -- the denoiser -------------------------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's output (noise, v or x0 by the scheduler's prediction type) for latents x at t."""
+        unet = self.pipe.unet
+        return unet(x.to(unet.dtype), t, encoder_hidden_states=cond.embeds.to(unet.dtype)).sample
+
+    def denoise(self, cond: Conditioning, negative: Conditioning | None = None, *, steps: int = 20,
+                guidance: float = 7.5, scheduler=None, latents: torch.Tensor | None = None, generator=None,
+                height: int | None = None, width: int | None = None, images_per_prompt: int = 1,
+                on_step=None, stop_after: int | None = None, output: str = "pil"):
+        """The one denoising loop: generation, ESD trajectories, previews, prior images and collage passes.
+
+        It is the family's diffusers pipeline, fed the conditioning (negative: the unconditional rows of
+        classifier-free guidance, default the empty prompt). `on_step(pipe, i, t, kwargs)` runs after each step
+        (it may raise to stop); `stop_after` ends the loop after that many steps (0: the latents as given);
+        `output` 'pil', 'pt' or 'latent'."""
+        if stop_after == 0:
+            return latents
+        pipe = self.pipe
+
+        def step_end(p, i, t, kwargs):
+            kwargs = on_step(p, i, t, kwargs) if on_step else kwargs
+            if stop_after is not None and i + 1 >= stop_after:
+                p._interrupt = True
+            return kwargs
+
+        if negative is None and guidance > 1:
+            negative = self.encode([""] * len(cond))
+        before = pipe.scheduler
+        pipe.scheduler = scheduler or before
+        try:
+            return pipe(prompt_embeds=cond.embeds, negative_prompt_embeds=None if negative is None else negative.embeds,
+                        num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                        num_images_per_prompt=images_per_prompt, latents=latents, generator=generator,
+                        output_type=output, callback_on_step_end=step_end).images
+        except torch.cuda.OutOfMemoryError:
+            raise StudioError("out of memory while generating: lower the batch size or the image size") from None
+        finally:
+            pipe.scheduler = before
+
+    # -- files other tools read -------------------------------------------------------------------------
+    lora_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # what a kohya LoRA covers, by key prefix
+    # diffusers' Custom Diffusion processor weights -> the attention weights they replace
+    custom_diffusion_parts = {"to_k_custom_diffusion.weight": "to_k.weight",
+                              "to_v_custom_diffusion.weight": "to_v.weight",
+                              "to_q_custom_diffusion.weight": "to_q.weight",
+                              "to_out_custom_diffusion.0.weight": "to_out.0.weight",
+                              "to_out_custom_diffusion.0.bias": "to_out.0.bias"}
+
+    def token_tables(self) -> list[nn.Embedding]:
+        """The input embedding tables a new token's vectors go into, one per tokenizer."""
+        return [self.pipe.text_encoder.get_input_embeddings()]
+
+    @classmethod
+    def lora_key(cls, name: str) -> str:
+        """kohya's LoRA module key of a weight: 'unet.a.b.weight' -> 'lora_unet_a_b', text encoder ->
+        'lora_te_text_model_...'. transformers 5 dropped CLIPTextModel's `text_model` wrapper; kohya names
+        (what A1111/ComfyUI read) keep it, and diffusers strips it again when the encoder has none."""
+        component, _, rest = name.partition(".")
+        prefix = cls.lora_prefixes.get(component)
+        if prefix is None:
+            raise StudioError(f"{name}: only unet and text_encoder weights can go into a LoRA")
+        if component == "text_encoder" and not rest.startswith("text_model."):
+            rest = "text_model." + rest
+        return prefix + rest.rpartition(".")[0].replace(".", "_")
+
+    def lora_weights(self) -> dict[str, str]:
+        """kohya key -> weight name of every layer a LoRA may change: the Linear and Conv2d layers of the
+        covered components (peft's wrapped base layers and adapters are not layers of the model)."""
+        out = {}
+        for component in self.lora_prefixes:
+            for n, m in getattr(self.pipe, component).named_modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and ".base_layer" not in n and ".lora_" not in n:
+                    out.setdefault(self.lora_key(f"{component}.{n}.weight"), f"{component}.{n}.weight")
+        return out
+
+    def lora_from_file(self, state: dict, what: str) -> dict:
+        """A kohya LoRA's tensors keyed as `lora_weights` names them. SD-1 files may say `lora_te1_` for their one
+        encoder or use the original UNet's block names (input_blocks_1_1 = down_blocks.0.attentions.0); a second
+        text encoder (`lora_te2_`) makes it an SDXL file, refused."""
+        if any(k.startswith("lora_te2_") for k in state):
+            raise StudioError(f"{what} is an SDXL LoRA (two text encoders): it is for another architecture")
+        state = {re.sub(r"^lora_te1_", "lora_te_", k): v for k, v in state.items() if torch.is_tensor(v)}
+        if any(p in k for k in state for p in ("input_blocks", "middle_block", "output_blocks")):
+            from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+            try:
+                state = _maybe_map_sgm_blocks_to_diffusers(dict(state), self.pipe.unet.config)
+            except (ValueError, IndexError, KeyError) as exc:
+                raise StudioError(f"{what}: its original-SD block names do not fit this UNet ({exc}): it is for "
+                                  "another architecture") from None
+            renames = (("_input_blocks_", "_down_blocks_"), ("_middle_block_", "_mid_block_"),
+                       ("_output_blocks_", "_up_blocks_"))
+            for a, b in renames:  # the block indices are mapped above, the names are left to us
+                state = {k.replace(a, b, 1): v for k, v in state.items()}
+        return state
+
+    def custom_diffusion_keys(self) -> dict[str, dict[str, str]]:
+        """Per attention processor, the keys of diffusers' Custom Diffusion files ('<processor>.to_k_custom_diffusion.
+        weight') -> the weights they replace ('unet.<attention>.to_k.weight'). Every processor is listed: diffusers'
+        loader sets them all at once, so a file holds an entry (maybe empty) for each."""
+        return {proc: {f"{proc}.{cd}": f"unet.{proc.removesuffix('.processor')}.{part}"
+                       for cd, part in self.custom_diffusion_parts.items()} for proc in self.attention_sites()}

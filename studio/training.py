@@ -1,0 +1,225 @@
+"""The one trainer loop: ESD, customization and Break-A-Scene each supply `loss(step) -> Tensor` (their
+batches and predictions, through the model layer) and the tensors they train; this module owns what every
+run needs: the components frozen and restored whatever happens, one LoRA (peft, fp32 factors drawn from the
+run's seed, removed afterwards), trainable token vectors, the optimiser, a stop check, progress and previews
+every step, the divergence check, and resume state written atomically (safetensors + JSON, no pickle).
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import models
+from .checks import write_atomically
+from .errors import StudioError
+
+ADAPTER = "studio-train"
+LORA_TARGETS = {
+    "attention": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
+    "attention+ff": r".*(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out)$",
+    "unet": r".*(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out|resnets\.\d+\.(conv1|conv2))$",
+}
+Progress = Callable[[int, int], None]
+Preview = Callable[[int, list], None]
+
+
+def is_toy(pipe) -> bool:
+    """A toy-sized model (cross-attention width below 512): it needs about 10x the published learning rates."""
+    return models.of(pipe).denoiser.config.cross_attention_dim < 512
+
+
+@contextmanager
+def frozen(pipe, train_mode: bool = True):
+    """Every component frozen inside the block (a run trains only what it adds), the denoiser in train mode;
+    requires_grad and modes restored afterwards, whatever happens."""
+    components = [m for m in pipe.components.values() if isinstance(m, nn.Module)]
+    flags = [(p, p.requires_grad) for m in components for p in m.parameters()]
+    modes = [(m, m.training) for m in components]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        models.of(pipe).denoiser.train(train_mode)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.train(mode)
+
+
+def check_no_adapters(module) -> None:
+    """Training needs the plain layers: refuse while unfused peft adapters (a composition) are installed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if (getattr(module, "_hf_peft_config_loaded", False) and module.peft_config) or any(
+            isinstance(m, BaseTunerLayer) for m in module.modules()):
+        raise StudioError("the UNet carries unfused adapters (a weighted-adapter composition): switch it off or "
+                          "undo it before training")
+
+
+@contextmanager
+def lora(module, rank: int, targets, seed: int = 0, *, prefix: str = "unet", init: dict | None = None):
+    """A peft LoRA on `targets` (a LORA_TARGETS key, or module names) of the denoiser or a text encoder, for
+    the block; yields its factors by '{weight name}.lora_A' / '.lora_B', fp32 and trainable. B = 0, so it
+    starts as the identity; A is peft's gaussian draw under `seed` (the global generator forked: reproducible
+    whatever ran before) or init[weight name]. alpha = r: peft's scale is 1, so the factors are the edit's."""
+    from diffusers.utils import recurse_remove_peft_layers
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    check_no_adapters(module)
+    device = next(module.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=(
+                LORA_TARGETS[targets] if isinstance(targets, str) else list(targets))), adapter_name=ADAPTER)
+        factors = {}
+        for n, m in module.named_modules():
+            if isinstance(m, LoraLayer):
+                name = f"{prefix}.{n.removesuffix('.base_layer')}.weight"
+                a, b = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
+                a.data = a.data.float() if init is None else init[name].to(a.device)
+                b.data = b.data.float().zero_()
+                factors[f"{name}.lora_A"], factors[f"{name}.lora_B"] = a.requires_grad_(), b.requires_grad_()
+        yield factors
+    finally:
+        recurse_remove_peft_layers(module)
+        if hasattr(module, "peft_config"):
+            del module.peft_config
+        module._hf_peft_config_loaded = False
+
+
+@contextmanager
+def adapters_off(module):
+    """The base model inside the block (ESD's frozen predictions and trajectories)."""
+    module.disable_adapters()
+    try:
+        yield
+    finally:
+        module.enable_adapters()
+
+
+class TokenHook:
+    """Replaces the input embedding of the new token ids with trainable vectors (a forward hook)."""
+
+    def __init__(self, embedding: nn.Embedding, ids: list[int], init: torch.Tensor):
+        self.ids = torch.tensor(ids, device=embedding.weight.device)
+        self.vectors = init.detach().float().clone().to(embedding.weight.device).requires_grad_(True)
+        self.handle = embedding.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        hit = args[0].unsqueeze(-1) == self.ids  # [..., L, n]
+        if not hit.any():
+            return None
+        which = hit.float().argmax(-1)
+        return torch.where(hit.any(-1, keepdim=True), self.vectors[which].to(out.dtype), out)
+
+
+def diffusion_error(family, scheduler, x0: torch.Tensor, cond, gen: torch.Generator) -> torch.Tensor:
+    """Squared error (fp32, per element) of the denoiser's prediction for x0 noised at random timesteps: the DDPM
+    loss before its mean, for a method to weight by rows or pixels. Draws the noise, then t, from gen."""
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(x0.device)
+    target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    return (family.predict(scheduler.add_noise(x0, noise, t), t, cond).float() - target) ** 2
+
+
+def detached(tensors: dict) -> dict[str, torch.Tensor]:
+    return {n: t.detach().float().cpu().contiguous() for n, t in tensors.items()}
+
+
+# -- the loop -------------------------------------------------------------------------------------
+def train(manager, loss, trainables: dict, steps: int, *, lr: float, groups: list | None = None, start: int = 0,
+          total: int | None = None, progress: Progress | None = None, preview: Preview | None = None, draw=None,
+          preview_every: int = 100, saved: Saved | None = None, what: str = "training") -> list[float]:
+    """Steps start..steps-1 of a run of `total` (default `steps`) steps: AdamW (weight decay 0: Adam) over
+    `groups` (default every trainable at `lr`) descending loss(step). Each step checks for a stop and calls
+    progress(done, total); every `preview_every` steps and at the run's end preview(done, draw()) with the
+    denoiser in eval mode. Returns the losses."""
+    opt = torch.optim.AdamW(groups or [{"params": list(trainables.values()), "lr": lr}], weight_decay=0.0)
+    if saved and saved.resume:
+        start = saved.step = saved.load(trainables, opt)
+    total, done, losses = total or steps, start, []
+    denoiser = models.of(manager.pipe).denoiser
+    try:
+        for step in range(start, steps):
+            manager.check_stop()
+            value = loss(step)
+            if not torch.isfinite(value):
+                raise StudioError(f"{what} diverged at step {step + 1} (loss {float(value)}): lower the learning "
+                                  f"rate (now {lr:g})")
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            losses.append(float(value.detach()))
+            done = step + 1
+            if progress:
+                progress(done, total)
+            if saved and done % saved.every == 0 and done < total:
+                saved.save(trainables, opt, done)
+            if preview and (done % preview_every == 0 or done == total):
+                manager.check_stop()
+                mode = denoiser.training
+                denoiser.eval()
+                with torch.no_grad():
+                    images = draw()
+                denoiser.train(mode)
+                preview(done, images)
+    except BaseException:
+        if saved and done > start:
+            saved.save(trainables, opt, done)
+        raise
+    return losses
+
+
+@dataclass
+class Saved:
+    """Resume state: trainables and Adam moments as safetensors, settings and step as JSON (no pickle), written
+    atomically every `every` steps and when a run ends early; `step` is where the run started."""
+
+    path: Path
+    settings: dict
+    every: int
+    resume: bool = False
+    step: int = 0
+
+    def check(self) -> int:
+        """The saved step; refuses a state trained with other settings (call it before costly preparations)."""
+        with safe_open(str(self.path), "pt") as f:
+            meta = f.metadata() or {}
+        saved = json.loads(meta.get("settings", "{}"))
+        changed = [k for k in self.settings if k not in ("steps",) and saved.get(k) != self.settings[k]]
+        if changed:
+            raise StudioError(f"the saved state was trained with other settings ({', '.join(changed)}): resume "
+                              "with the same settings or start afresh")
+        return int(meta["step"])
+
+    def save(self, trainables: dict, opt, step: int) -> None:
+        tensors = {f"param/{n}": t for n, t in detached(trainables).items()}
+        for n, t in trainables.items():
+            for k, v in opt.state.get(t, {}).items():
+                if torch.is_tensor(v):
+                    tensors[f"opt/{n}/{k}"] = v.detach().float().cpu().reshape(-1).contiguous()
+        meta = {"settings": json.dumps(self.settings), "step": str(step)}
+        write_atomically(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def load(self, trainables: dict, opt) -> int:
+        step, tensors = self.check(), load_file(str(self.path))
+        with torch.no_grad():
+            for n, t in trainables.items():
+                t.copy_(tensors[f"param/{n}"].reshape(t.shape))
+        for n, t in trainables.items():
+            moments = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt/{n}/")}
+            if moments:
+                opt.state[t] = {k: (v.reshape(t.shape).to(t.device) if k != "step" else v.reshape(()))
+                                for k, v in moments.items()}
+        return step
