@@ -16,8 +16,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import StudioError
 
-MIN_SIDE = 8  # the smallest picture any method can use
-
 
 def open_image(image) -> Image.Image:
     """A PIL image (any mode, alpha kept) from a path, a PIL image or an array; StudioError otherwise.
@@ -83,7 +81,7 @@ def flatten_alpha(im: Image.Image) -> tuple[Image.Image, str | None]:
 def load_rgb(image) -> tuple[Image.Image, str | None]:
     """The RGB picture of a path, PIL image or array (at least 8x8; transparency on white, with a note)."""
     im = open_image(image)
-    if min(im.size) < MIN_SIDE:
+    if min(im.size) < 8:
         raise StudioError(f"the image is too small ({im.width}x{im.height}); it needs at least 8x8 pixels")
     return flatten_alpha(im)
 

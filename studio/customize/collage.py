@@ -86,7 +86,7 @@ def region_box(spec: dict, mask: torch.Tensor | None, height: int, width: int) -
 
 class Collage:
     """The UNet's forward while a region composition by collage is applied (`wrap`), and the sampling hook
-    that prepares each generation (`start`) and ends it (`step_end`). Generations whose prompt lacks a
+    that prepares each generation (`start`; `end_generation` drops it). Generations whose prompt lacks a
     region's words are not touched."""
 
     def __init__(self, pipe, params: dict, tensors: dict):
@@ -148,9 +148,10 @@ class Collage:
                     hold=round((1 - self.strength) * steps), context=contexts)
 
     def step_end(self, pipe, i, t, kwargs):
-        if i + 1 >= len(pipe.scheduler.timesteps):
-            self.layout = None
         return kwargs
+
+    def end_generation(self) -> None:  # also after a stop: later direct UNet calls are no generation's
+        self.layout = None
 
     def __call__(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
         layout = self.layout
@@ -191,9 +192,10 @@ def predicting(scheduler, sample: torch.Tensor, timestep, x0: torch.Tensor) -> t
 @edit_kind("compose_regions")
 def apply_regions(pipe, params: dict, tensors: dict, patch) -> None:
     check_regions(params, tensors)
-    name = f"{'collage' if params.get('collage') else 'regions'} " + ", ".join(s["words"] for s in params["regions"])
-    if not params.get("collage"):
-        return RegionSteering(pipe, params, tensors).install(patch, name)
-    collage = Collage(pipe, params, tensors)
-    steering.install(patch, pipe, "model", name, collage, {"denoiser": models.of(pipe).denoiser})
-    steering.install(patch, pipe, "sampling", name, collage)
+    words = ", ".join(s["words"] for s in params["regions"])
+    if params.get("collage"):
+        collage = Collage(pipe, params, tensors)
+        steering.install(patch, pipe, "model", f"collage {words}", collage, {"denoiser": models.of(pipe).denoiser})
+        steering.install(patch, pipe, "sampling", f"collage {words}", collage)
+    else:
+        RegionSteering(pipe, params, tensors).install(patch, f"regions {words}")

@@ -284,15 +284,12 @@ def apply_adapters(pipe, params: dict, tensors: dict, patch) -> None:
 # -- steering: what (c) and (d) share --------------------------------------------------------------
 class Steering(PromptWords):
     """An attention steering (regions, T2I-Zero's suppression): an additive bias on the conditional rows'
-    cross-attention during the first `until` of the denoising passes; subclasses say which bias."""
+    cross-attention during the first `until` of the denoising passes; subclasses say which bias:
+    `bias(attn, q, k, hw)` -> (rows, N, T) for the conditional rows' queries q and keys k."""
 
     def __init__(self, pipe, words: list[str], until: float, signature: str):
         super().__init__(pipe, words, signature)
         self.until, self.first_site = until, None
-
-    def bias(self, attn, q, k, hw) -> torch.Tensor | None:
-        """(rows, N, T) additive bias for the conditional rows' queries q and keys k, or None."""
-        return None
 
     def tick(self, batch: int) -> None:
         """Called once per UNet pass (by the first cross-attention layer); guidance passes do not count."""
@@ -350,14 +347,9 @@ class SteeredAttention:
         if not live:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         q, k = project_qk(attn, hidden_states, encoder_hidden_states)
-        bias = None
+        bias = q.new_zeros(b, q.shape[2], k.shape[2], dtype=torch.float32)
         for s, rows in live:
-            part = s.bias(attn, q[rows], k[rows], grid_shape(q.shape[2], s.latent_hw))
-            if part is not None:
-                bias = q.new_zeros(b, q.shape[2], k.shape[2], dtype=torch.float32) if bias is None else bias
-                bias[rows] += part
-        if bias is None:
-            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            bias[rows] += s.bias(attn, q[rows], k[rows], grid_shape(q.shape[2], s.latent_hw))
         context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
         heads, d = q.shape[1], q.shape[3]
         v = attn.to_v(context).view(b, -1, heads, d).transpose(1, 2)

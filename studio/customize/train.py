@@ -230,15 +230,13 @@ def initial_vectors(pipe, class_word: str, vectors: int, cross_init: bool) -> to
     embedding, or (no class word) the mean input embedding; repeated for each vector."""
     family = models.of(pipe)
     emb = family.text_encoders[0].get_input_embeddings().weight
-    if class_word:
-        ids = family.tokenizers[0](class_word, add_special_tokens=False).input_ids
-        if cross_init:
-            out = family.encode([class_word]).embeds[0, 1:1 + len(ids)]
-            v = out.mean(0)
-        else:
-            v = emb[ids].mean(0)
-    else:
+    ids = family.tokenizers[0](class_word, add_special_tokens=False).input_ids
+    if not class_word:
         v = emb.mean(0)
+    elif cross_init:
+        v = family.encode([class_word]).embeds[0, 1:1 + len(ids)].mean(0)
+    else:
+        v = emb[ids].mean(0)
     return v.float().cpu().expand(vectors, -1).clone()
 
 

@@ -54,12 +54,8 @@ MAX_CONCEPTS = 8
 
 # -- the image ---------------------------------------------------------------------------------------
 def prepare_image(image, size: int) -> tuple[np.ndarray, list[str]]:
-    """The model's input: (size x size x 3 uint8 RGB, notes on what was changed).
-
-    Accepts a path, a PIL image or an array (H x W, H x W x 3, H x W x 4; uint8 or floats in 0..1).
-    Transparency is composited on white; a non-square image is centre-cropped to a square (the
-    same crop as `crop_box`/`fit_mask`), then resized to size x size.
-    """
+    """The model's input: (size x size x 3 uint8 RGB, notes on what was changed). Any upload `load_rgb` reads
+    (transparency on white), centre-cropped to a square (the crop `fit_mask` applies to masks), resized."""
     size = int(size)
     if size < 8:
         raise StudioError(f"the model's image size must be at least 8 (got {size})")
