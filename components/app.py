@@ -8,6 +8,7 @@ import gradio as gr
 from studio.manager import PipelineManager
 
 from . import attention_tab, customize_tab, erase_tab, extract_tab, generate_tab, history_panel
+from .common import toast
 
 CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "studio.css"
 TOY_NOTE = ("> **Toy-world model** (64×64, trained here from scratch). It knows the shapes circle, square, "
@@ -24,7 +25,7 @@ def build_app(manager: PipelineManager, sam=None) -> gr.Blocks:
         if manager.info.kind == "builtin-toy":
             gr.Markdown(TOY_NOTE, elem_classes="demo-note")
         if manager.restore_notes:
-            gr.Markdown("> **Last session:** " + manager.restore_notes[0] + ".", elem_classes="demo-note")
+            gr.Markdown("> **Last session:** " + toast(manager.restore_notes[0]) + ".", elem_classes="demo-note")
         if manager.info.is_demo:
             gr.Markdown("> **Demo model:** random weights built from configs; it knows nothing, so images look "
                         "like noise. Load a real model with `--model`.", elem_classes="demo-note")

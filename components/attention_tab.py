@@ -32,7 +32,7 @@ from studio.attention.view import View, render_view
 from studio.generation import MAX_STEPS, SAMPLERS, GenerationRequest
 from studio.manager import PipelineManager
 
-from .common import GPU, number, progress_reporter, slider, user_errors
+from .common import GPU, number, progress_reporter, slider, stop_own_job, toast, user_errors
 
 DISPLAY = 256
 MODES = ("Generate", "Analyse an image")
@@ -61,7 +61,7 @@ def run(manager: PipelineManager, cache: ResultCache, mode, prompt, negative, se
         result, base_key = generate_with_maps(manager, request, options, control if control.active else None,
                                               progress), None
     for w in result.warnings:
-        gr.Warning(w)
+        gr.Warning(toast(w))
     status = f"seed {result.seeds[0]} · {result.steps} steps · {result.seconds:.2f} s"
     if result.control_log:
         first, last = result.control_log[0], result.control_log[-1]
@@ -249,7 +249,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
 
     mode.change(lambda m: gr.Group(visible=m == MODES[1]), mode, image_box, queue=False)
     run_event = run_btn.click(on_run, run_inputs, [key, base_key, status], api_name="attention_run", **GPU)
-    stop.click(manager.request_stop, None, None, api_name="attention_stop", queue=False)
+    stop.click(stop_own_job(manager), None, None, api_name="attention_stop", queue=False)
     redraw = user_errors(lambda k, b, *v: render(cache, k, b, *v) if k else (gr.skip(),) * 3)  # nothing run yet
     run_event.success(user_errors(lambda k: after_run(cache, k)), key,
                       [step_from, step_to, scrub, res_box, head, image_view, self_view]

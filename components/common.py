@@ -1,7 +1,9 @@
 """What every tab shares: the GPU concurrency group and turning engine errors into UI messages."""
 from __future__ import annotations
 
+import contextvars
 import functools
+import html
 import inspect
 import math
 import queue
@@ -10,7 +12,10 @@ import threading
 import gradio as gr
 import numpy as np
 
+from gradio.context import LocalContext
+
 from studio.errors import JobStopped, StudioError
+from studio.manager import OWNER
 
 # Every event that touches the model joins this group: one GPU job at a time, app-wide.
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)
@@ -38,26 +43,44 @@ def slider(*args, **kwargs) -> gr.Slider:
     return finite_only(gr.Slider(*args, **kwargs))
 
 
+def session() -> str | None:
+    """The browser session of the event being handled (None outside one)."""
+    return getattr(LocalContext.request.get(None), "session_hash", None)
+
+
+def stop_own_job(manager):
+    """A Stop button's handler: it ends the job its own browser session started, never another user's."""
+    return lambda: manager.request_stop(session())
+
+
+def toast(text: str) -> str:
+    """Text from a user or a file, safe to show in a toast or Markdown (Gradio renders them as HTML)."""
+    return html.escape(str(text), quote=False)
+
+
 def user_errors(fn):
-    """Show StudioError as a red toast (nothing changed); a stopped job as a notice."""
+    """Show StudioError as a red toast (nothing changed); a stopped job as a notice. The jobs it runs are
+    owned by the event's browser session, so that session's Stop ends them (and only them)."""
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def streaming(*args, **kwargs):
+            OWNER.set(session())
             try:
                 yield from fn(*args, **kwargs)
             except StudioError as exc:
-                raise gr.Error(str(exc), print_exception=False) from None
+                raise gr.Error(toast(exc), print_exception=False) from None
             except JobStopped:
                 gr.Info("Stopped. The model and its history are unchanged.")
         return streaming
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        OWNER.set(session())
         try:
             return fn(*args, **kwargs)
         except StudioError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+            raise gr.Error(toast(exc), print_exception=False) from None
         except JobStopped:
             gr.Info("Stopped. The model and its history are unchanged.")
             return gr.skip()
@@ -86,7 +109,7 @@ def stream_job(job, progress: gr.Progress | None = None, desc: str = "working"):
             outcome["error"] = exc
         updates.put(("done", None))
 
-    threading.Thread(target=run, daemon=True).start()
+    threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True).start()  # the job's OWNER
     previews: list = []
     while True:
         kind, value = updates.get()

@@ -20,8 +20,8 @@ from studio.errors import StudioError
 from studio.manager import PipelineManager
 from studio.toyworld import presets
 
-from .common import (GPU, PAINT_COLOURS, PAINT_NAMES, blank_canvas, number, painted_masks, slider, stream_job,
-                     user_errors)
+from .common import (GPU, PAINT_COLOURS, PAINT_NAMES, blank_canvas, number, painted_masks, slider, stop_own_job,
+                     stream_job, user_errors)
 
 METHOD_KEYS = {title: key for key, title in METHODS.items()}
 SCOPE_KEYS = {title: key for key, title in SCOPES.items()}
@@ -230,7 +230,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
         return f"Imported and applied **{entry.edit.title}** (edit #{manager.stack.position})."
 
     train_event = run.click(on_train, settings, [status, previews], api_name="customize_train", **GPU)
-    stop.click(manager.request_stop, None, None, queue=False)
+    stop.click(stop_own_job(manager), None, None, queue=False)
     refresh.click(listed, None, concepts, queue=False)
     events = [train_event,
               set_strength.click(on_strength, [concepts, strength], status, api_name="concept_strength", **GPU),

@@ -17,7 +17,7 @@ from studio.lora_export import export_lora, export_pipeline
 from studio.manager import PipelineManager
 from studio.toyworld.presets import erasure_report, is_toy, toy_captions
 
-from .common import GPU, number, progress_reporter, slider, stream_job, user_errors
+from .common import GPU, number, progress_reporter, slider, stop_own_job, stream_job, user_errors
 
 METHODS = ["Closed form (UCE)", "Inference guard (SAFREE-like)", "Fine-tuned LoRA (ESD)"]
 GUARD_NOTE = ("The guard changes no weights: it cleans prompt embeddings at generation time, switches on and off "
@@ -146,7 +146,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
     erase_event = run.click(on_erase, settings, [status, grid], api_name="erase", **GPU)
     erase_event.success(on_report, [concepts, preserve, seeds], [grid, scores, chart, note], **GPU)
     rerun.click(on_report, [concepts, preserve, seeds], [grid, scores, chart, note], api_name="erase_report", **GPU)
-    stop.click(manager.request_stop, None, None, queue=False)
+    stop.click(stop_own_job(manager), None, None, queue=False)
     export_btn.click(user_errors(lambda w, r: export(manager, w, r)), [what, export_rank],
                      [export_file, export_status], api_name="export", **GPU)
     return SimpleNamespace(edit_events=[erase_event])

@@ -17,8 +17,8 @@ from studio.images import fit_mask, load_rgb
 from studio.manager import PipelineManager
 from studio.toyworld.evaluate import bundled_oracle
 
-from .common import (GPU, PAINT_COLOURS, PAINT_NAMES, blank_canvas, number, painted_masks, slider, stream_job,
-                     user_errors)
+from .common import (GPU, PAINT_COLOURS, PAINT_NAMES, blank_canvas, number, painted_masks, slider, stop_own_job,
+                     stream_job, user_errors)
 
 MASK_LABELS = [f"mask {i + 1} ({n})" for i, n in enumerate(PAINT_NAMES)]
 
@@ -141,11 +141,12 @@ def build(manager: PipelineManager, sam=None) -> SimpleNamespace:
     def on_segment(image_, clicked):
         if not clicked:
             raise StudioError("click on the objects first (each click adds a point to the chosen mask)")
-        picture = np.asarray(load_rgb(image_)[0])
+        opened = load_rgb(image_)[0]  # a huge upload is reduced: the clicks are on the file's pixels
+        picture, clicked_on = np.asarray(opened), opened.info.get("original_size")
         found = []
         for i in sorted({c[0] for c in clicked}):
             pts = [(x, y) for j, x, y in clicked if j == i]
-            found.append(sam.masks_from_clicks(picture, pts, [1] * len(pts)))
+            found.append(sam.masks_from_clicks(picture, pts, [1] * len(pts), display_size=clicked_on))
         size = model_image(manager, image_)[0].shape[0]
         return found, annotated(picture, found), f"Segmented {len(found)} objects (masks are resized to {size}²)."
 
@@ -170,7 +171,7 @@ def build(manager: PipelineManager, sam=None) -> SimpleNamespace:
     settings = [tokens, steps_tokens, steps_joint, lr_tokens, lr_joint, rank, attention_weight, background,
                 preview_every]
     event = run.click(on_extract, [image, masks, *settings], [status, previews, scores], api_name="extract", **GPU)
-    stop.click(manager.request_stop, None, None, queue=False)
+    stop.click(stop_own_job(manager), None, None, queue=False)
     if toy:
         from studio.toyworld.scenes import make_scene
 

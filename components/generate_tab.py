@@ -10,7 +10,7 @@ from studio.generation import MAX_BATCH, MAX_STEPS, SAMPLERS, GenerationRequest
 from studio.layer_scale import scale_edit
 from studio.manager import PipelineManager
 
-from .common import GPU, number, progress_reporter, slider, user_errors
+from .common import GPU, number, progress_reporter, slider, stop_own_job, toast, user_errors
 
 LAYER_PATTERNS = [r"attn2\.to_v\.weight", r"attn2\.to_k\.weight", r"unet\.mid_block\..*attn2", r"text_encoder\..*layers\.2\."]
 
@@ -23,7 +23,7 @@ def generate(manager: PipelineManager, *settings, progress=None):
     """Run one generation; returns gallery items [(image, caption)] and a status line."""
     result = manager.generate(request_from(*settings), progress)
     for w in result.warnings:
-        gr.Warning(w)
+        gr.Warning(toast(w))
     gallery = [(im, f"seed {s}") for im, s in zip(result.images, result.seeds)]
     status = f"{len(result.images)} image(s) in {result.seconds:.2f} s · seeds {', '.join(map(str, result.seeds))}"
     return gallery, "\n\n".join([status] + [f"⚠ {w}" for w in result.warnings])
@@ -72,7 +72,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
         return generate(manager, *values, progress=progress_reporter(progress, "denoising"))
 
     gen_event = gr.on([run.click, prompt.submit], on_generate, settings, [gallery, status], api_name="generate", **GPU)
-    stop.click(manager.request_stop, None, None, api_name="stop", queue=False)
+    stop.click(stop_own_job(manager), None, None, api_name="stop", queue=False)
     apply_event = apply.click(user_errors(lambda p, f: apply_scale(manager, p, f)), [pattern, factor], edit_status,
                               api_name="apply_scale", **GPU)
     return SimpleNamespace(settings=settings, edit_events=[apply_event], gen_event=gen_event)

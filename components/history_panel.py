@@ -10,7 +10,7 @@ import gradio as gr
 from studio import steering
 from studio.manager import PipelineManager
 
-from .common import GPU, number, progress_reporter, user_errors
+from .common import GPU, number, progress_reporter, toast, user_errors
 from .generate_tab import request_from
 
 COLUMNS = ["#", "edit", "kind", "parameters", "applied"]
@@ -23,7 +23,8 @@ def history_view(manager: PipelineManager):
     acting = steering.describe(manager.pipe)
     state = (f"**Model:** {manager.describe()}  \n**State:** {applied} of {len(rows)} edits applied · "
              f"fingerprint `{manager.fingerprint(cached=True)[:12]}`"
-             + (f"  \n**Acting on every generation:** {'; '.join(acting)}" if acting else ""))
+             + (f"  \n**Acting on every generation:** {toast('; '.join(acting))}" if acting else "")
+             + (f"  \n⚠ **{toast(manager.history_warning)}**" if manager.history_warning else ""))
     return rows, state
 
 
@@ -46,7 +47,7 @@ def load(manager: PipelineManager, file) -> None:
     if not file:
         raise gr.Error("Choose an edit file (.safetensors) first.")
     for note in manager.load_edits(file):
-        gr.Info(note)
+        gr.Info(toast(note))
 
 
 def compare(manager: PipelineManager, index, *settings, progress=None):

@@ -8,6 +8,7 @@ of the same architecture (the closed forms are recomputed there, as SPM transfer
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,12 +16,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checks import write_atomically
-from .edits import Edit, Entry
+from .edits import Edit, Entry, named_tensors
 from .errors import StudioError
 from .fingerprint import tensor_digest
 
 FORMAT = "concept-studio-edits"
 VERSION = 1
+MAX_EDITS, MAX_LABEL = 500, 200  # per file; characters of a label
 
 
 @dataclass
@@ -86,10 +88,52 @@ def load_edit_file(path: str | Path) -> EditFile:
     tensors, meta = read_tensors(path)
     if meta.get("format") != FORMAT:
         raise StudioError(f"{path.name} is a safetensors file but not a Concept Studio edit file")
-    if int(meta.get("version", 0)) > VERSION:
-        raise StudioError(f"{path.name} was saved by a newer Concept Studio (format {meta['version']})")
-    saved = []
-    for i, r in enumerate(json.loads(meta["edits"])):
-        edit = Edit(r["kind"], r["params"], {n: tensors[f"{i}/{n}"] for n in r["tensors"]}, r.get("label", ""))
-        saved.append(SavedEdit(edit, r.get("originals", {}), r.get("results", {})))
-    return EditFile(saved, int(meta.get("position", len(saved))), meta.get("model", ""))
+    if str(meta.get("version", 0)) not in {str(v) for v in range(VERSION + 1)}:
+        raise StudioError(f"{path.name} was saved by a newer Concept Studio, or is damaged (format {meta['version']!r})")
+    try:
+        records, position = json.loads(meta["edits"]), int(meta.get("position", -1))
+        if not isinstance(records, list) or len(records) > MAX_EDITS:
+            raise ValueError(f"'edits' must be a list of at most {MAX_EDITS} edits")
+        saved = [_saved_edit(r, i, tensors) for i, r in enumerate(records)]
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        raise StudioError(f"{path.name} is damaged or was not written by Concept Studio: {_reason(exc)}") from None
+    if not 0 <= position <= len(saved):
+        position = len(saved)
+    return EditFile(saved, position, str(meta.get("model", "")))
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"it has no {exc.args[0]!r} entry"
+    if isinstance(exc, RecursionError):
+        return "its metadata is nested too deeply"
+    return str(exc) or type(exc).__name__
+
+
+def _saved_edit(r, i: int, tensors: dict) -> SavedEdit:
+    """One record of a file's metadata as a SavedEdit, every field of the type it must have."""
+    if not isinstance(r, dict):
+        raise ValueError(f"edit {i + 1} is not a record")
+    kind, params, label, names = r["kind"], r["params"], r.get("label", ""), r["tensors"]
+    digests = [r.get("originals", {}), r.get("results", {})]
+    if not (isinstance(kind, str) and isinstance(params, dict) and isinstance(label, str) and isinstance(names, list)
+            and all(isinstance(d, dict) and all(isinstance(v, str) for v in d.values()) for d in digests)):
+        raise ValueError(f"edit {i + 1} has fields of the wrong type")
+    if len(label) > MAX_LABEL:
+        raise ValueError(f"edit {i + 1}'s label is {len(label):,} characters (at most {MAX_LABEL})")
+    return SavedEdit(Edit(kind, params, {n: tensors[f"{i}/{n}"] for n in names}, label), *digests)
+
+
+def backup_estimate(pipe, saved: list[SavedEdit]) -> int:
+    """Bytes the edits' undo backups will take (original and result of each tensor they change), from the
+    tensor names the file recorded; names this model lacks count nothing (such an edit fails by itself)."""
+    sizes = {n: p.numel() * p.element_size() for n, p in named_tensors(pipe).items()}
+    return 2 * sum(sizes.get(n, 0) for s in saved for n in s.original_digests)
+
+
+def backup_budget() -> int:
+    """Half of the memory free now: what loading edits may take for their backups."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 4 * 2**30

@@ -13,6 +13,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
 from .checks import number, whole
+from .tokenizer import prompt_text
 from . import models
 from .errors import StudioError
 
@@ -59,7 +60,8 @@ class GenerationRequest:
         """A copy with defaults filled in and every field checked; raises StudioError on bad input."""
         model = models.of(pipe)
         default, multiple = model.default_size, model.size_multiple
-        r = GenerationRequest(str(self.prompt or ""), str(self.negative_prompt or ""), parse_seed(self.seed),
+        r = GenerationRequest(prompt_text(self.prompt), prompt_text(self.negative_prompt, "negative prompt"),
+                              parse_seed(self.seed),
                               whole("steps", self.steps, 1, MAX_STEPS), number("guidance", self.guidance, 0, 50),
                               whole("width", self.width or default), whole("height", self.height or default),
                               whole("batch size", self.batch, 1, MAX_BATCH), self.sampler)
@@ -94,6 +96,6 @@ def prompt_overflow(tokenizer, text: str, what: str) -> str | None:
     limit = tokenizer.model_max_length
     if len(ids) <= limit:
         return None
-    kept = tokenizer.decode(ids[1 : limit - 1])
+    kept = " ".join(tokenizer.decode(ids[1 : limit - 1]).replace("</w>", " ").split())
     return (f"The {what} is {len(ids) - 2} tokens; the model reads {limit - 2}. "
             f"It was truncated after: …{kept[-40:]!s}")

@@ -16,12 +16,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import StudioError
 
+MAX_SIDE = 4096  # larger pictures are reduced on opening: no job reads more, and a 13000² upload would hold GBs
+
 
 def open_image(image) -> Image.Image:
     """A PIL image (any mode, alpha kept) from a path, a PIL image or an array; StudioError otherwise.
 
-    Files are read whole and turned upright by their EXIF orientation; truncated files and files with
-    more pixels than PIL opens safely (decompression bombs) are refused."""
+    Files are read whole, reduced to at most MAX_SIDE pixels a side as they are decoded (info["original_size"]
+    keeps the file's size, for clicks made on it), and turned upright by their EXIF orientation; truncated
+    files and files with more pixels than PIL opens safely (decompression bombs) are refused."""
     if image is None or (isinstance(image, str) and not image.strip()):
         raise StudioError("no image: upload one first")
     if isinstance(image, np.ndarray):
@@ -32,11 +35,17 @@ def open_image(image) -> Image.Image:
         raise StudioError(f"expected an image (a file path, a PIL image or an array), got {type(image).__name__}")
     path = Path(image)
     if not path.is_file():
-        raise StudioError(f"cannot read the image {str(path)!r}: no such file")
+        raise StudioError(f"cannot read the image {path.name!r}: no such file")
     try:
         with Image.open(path) as im:
+            size = im.size
+            if max(size) > MAX_SIDE:
+                im.draft(im.mode, (size[0] * MAX_SIDE // max(size), size[1] * MAX_SIDE // max(size)))  # JPEG: decode small
             im.load()
-            return ImageOps.exif_transpose(im)
+            factor = -(-max(im.size) // MAX_SIDE)
+            out = ImageOps.exif_transpose(im.reduce(factor) if factor > 1 else im)
+            out.info["original_size"] = size
+            return out
     except Image.DecompressionBombError:
         raise StudioError(f"cannot read {path.name!r}: it has more pixels than can be opened safely "
                           f"(over {2 * Image.MAX_IMAGE_PIXELS}); scale it down first") from None

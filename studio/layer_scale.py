@@ -5,12 +5,31 @@ the erasure, customization and extraction packages bring the useful edits.
 """
 from __future__ import annotations
 
-import re
+import time
+
+import regex
 
 from .edits import Edit, edit_kind, named_tensors
 from .errors import StudioError
 
-MAX_TENSORS = 512
+MAX_TENSORS, MAX_PATTERN, MATCH_SECONDS = 512, 200, 1.0
+
+
+def matching(names, pattern: str) -> list[str]:
+    """The names `pattern` finds, with a bounded cost: a pattern is at most MAX_PATTERN characters and all
+    its matching takes at most MATCH_SECONDS (the `regex` engine's timeout), so no input holds the server."""
+    if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN:
+        raise StudioError(f"a layer pattern is text of at most {MAX_PATTERN} characters")
+    try:
+        rx = regex.compile(pattern)
+    except regex.error as exc:
+        raise StudioError(f"layer pattern {pattern!r} is not a valid regular expression: {exc}") from None
+    deadline = time.monotonic() + MATCH_SECONDS
+    try:
+        return [n for n in names if rx.search(n, timeout=max(deadline - time.monotonic(), 1e-3))]
+    except TimeoutError:
+        raise StudioError(f"layer pattern {pattern!r} takes over {MATCH_SECONDS:g} s to match: simplify it (nested "
+                          "repeats such as (a+)+ are the usual cause)") from None
 
 
 @edit_kind("scale")
@@ -18,11 +37,7 @@ def apply_scale(pipe, params: dict, tensors: dict, patch) -> None:
     pattern, factor = params.get("pattern", ""), params.get("factor")
     if not isinstance(factor, (int, float)) or factor != factor or abs(factor) > 1e4:
         raise StudioError(f"scale factor must be a finite number (got {factor!r})")
-    try:
-        rx = re.compile(pattern)
-    except re.error as exc:
-        raise StudioError(f"layer pattern {pattern!r} is not a valid regular expression: {exc}") from None
-    names = [n for n in named_tensors(pipe) if rx.search(n)] if pattern else []
+    names = matching(named_tensors(pipe), pattern) if pattern else []
     if not names:
         raise StudioError(f"no parameter name matches {pattern!r} (try e.g. 'attn2\\.to_v\\.weight')")
     if len(names) > MAX_TENSORS:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from . import models, steering
 from .edit_files import save_tensors
 from .edits import find_tensor
 from .errors import StudioError
@@ -124,14 +124,11 @@ def export_pipeline(manager, folder) -> Path:
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise StudioError(f"{folder} already exists and is not empty: choose a new or empty folder")
-    from .customize.concept import scope_of
-
     with manager.lock:
-        hooked = [e.edit.title for e in manager.stack.applied if e.edit.kind == "learned_concept"
-                  and scope_of(e.edit.params) == "prompt" and e.edit.params.get("modules")]
-        if hooked:
-            raise StudioError(f"{', '.join(hooked)} act only on prompts that use their token, so their changes are not "
-                              "in the weights a saved pipeline holds: set their scope to 'every prompt' first, or "
-                              "export them as embedding + LoRA from the Customize tab")
+        acting = steering.describe(manager.pipe)
+        if acting:
+            raise StudioError(f"{'; '.join(acting)} act on generations without being in the weights a saved pipeline "
+                              "holds: undo them, or set a learned concept's scope to 'every prompt' first, or export "
+                              "it as embedding + LoRA from the Customize tab")
         manager.pipe.save_pretrained(folder, safe_serialization=True)
     return folder

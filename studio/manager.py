@@ -11,6 +11,7 @@ loses at most the edit that was running, never leaves one half-applied.
 """
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import gc
 import hashlib
@@ -18,14 +19,19 @@ import logging
 import re
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .edit_files import SavedEdit, load_edit_file, load_edits, save_edits
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one process per history is then the user's to keep
+    fcntl = None
+
+from .edit_files import SavedEdit, backup_budget, backup_estimate, load_edit_file, load_edits, save_edits
 from .edits import Edit, EditStack, Entry, find_tensor, toggled
 from .errors import JobStopped, StudioError
 from .fingerprint import fingerprint, tensor_digest
@@ -36,6 +42,9 @@ from .loading import BUILTIN, ModelInfo, classify_source, load_pipeline
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger(__name__)
+# Who a job is run for (the UI sets the browser session): a Stop ends only its own owner's job.
+OWNER: contextvars.ContextVar = contextvars.ContextVar("studio_job_owner", default=None)
+HISTORY_LOCKS: dict[str, object] = {}  # history file -> the lock file that makes this process its one writer
 
 @dataclass
 class GenerationResult:
@@ -47,11 +56,16 @@ class GenerationResult:
 
 
 def release_memory() -> None:
-    """Free what dropped objects held: Python garbage, CUDA's cached blocks, and the heap pages glibc
-    keeps after large frees (without the trim, RSS stays at its peak after a model switch)."""
+    """Free what dropped objects held: Python garbage, CUDA's cached blocks and the heap's free pages."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the heap pages glibc keeps after large frees back to the system (without it, RSS stays at its
+    peak after a model switch or a job on huge pictures); cheap, so every job ends with it."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
@@ -68,6 +82,8 @@ class PipelineManager:
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._depth = 0  # how many job() blocks the lock's holder is inside
+        self._owner = None  # OWNER of the running job
+        self.history_warning = ""  # set while the history cannot be saved: the UI shows it
         self._pipe = None
         self._stack: EditStack | None = None
         self.info: ModelInfo | None = None
@@ -130,15 +146,20 @@ class PipelineManager:
             self._depth += 1
             if self._depth == 1:  # only the outermost job clears the flag: nested jobs (a training
                 self._stop.clear()  # preview's generate) must not lose a stop meant for the whole job
+                self._owner = OWNER.get()
             try:
                 yield
             finally:
                 self._depth -= 1
                 if not self._depth:
                     self._stop.clear()
+                    self._owner = None
+                    trim_heap()
 
-    def request_stop(self) -> None:
-        self._stop.set()
+    def request_stop(self, owner=None) -> None:
+        """Stop the running job: `owner`'s only (another user's job runs on), or whichever with None."""
+        if owner is None or owner == self._owner:
+            self._stop.set()
 
     def check_stop(self) -> None:
         if self._stop.is_set():
@@ -187,9 +208,13 @@ class PipelineManager:
         """(before, after) results for history entry `index` (1-based; default: the latest applied)."""
         with self.lock:
             index = self.stack.position if index is None else int(index)
-            if not 1 <= index <= len(self.stack.entries):
-                raise StudioError("there is no edit to compare: apply one first" if not self.stack.entries
-                                  else f"edit #{index} does not exist (history has {len(self.stack.entries)})")
+            count = len(self.stack.entries)
+            if not count:
+                raise StudioError("there is no edit to compare: apply one first")
+            if not 1 <= index <= count:
+                raise StudioError(f"#0 is the model as loaded: nothing comes before it to compare with; pick an edit "
+                                  f"from 1 to {count}" if index == 0 else f"edit #{index} does not exist: pick one "
+                                  f"from 1 to {count}")
             request = GenerationRequest(**{**request.__dict__, "seed": request.validated(self.pipe).seed})
             return self.generate_at(request, index - 1, progress), self.generate_at(request, index, progress)
 
@@ -240,11 +265,26 @@ class PipelineManager:
         return notes
 
     def _apply_saved(self, saved: list[SavedEdit]) -> list[str]:
-        notes, start = [], self.stack.position
+        """Apply saved edits in order, all or none: on any failure (or a stop) the stack is exactly as it was,
+        redo tail included. Refused before anything is applied if their backups would not fit in memory."""
+        budget, used = backup_budget(), 0
+
+        def refuse(need: int):
+            raise StudioError(f"these {len(saved)} edit(s) would keep {need / 2**20:,.0f} MB or more of backups for "
+                              f"undo; this machine has room for {budget / 2**20:,.0f} MB (half its free memory): load "
+                              "fewer edits at a time")
+
+        if (need := backup_estimate(self.pipe, saved)) > budget:
+            refuse(need)
+        notes, start, before = [], self.stack.position, list(self.stack.entries)
         try:
             for s in saved:
+                if self._depth:
+                    self.check_stop()
                 same = all(tensor_digest(find_tensor(self.pipe, n)) == d for n, d in s.original_digests.items())
                 entry = self.stack.apply(s.edit)
+                if (used := used + entry.patch.backup_bytes) > budget:  # a file that under-declared what it changes
+                    refuse(used)
                 exact = {n: tensor_digest(t) for n, t in entry.patch.results.items()} == s.result_digests
                 notes.append(f"{s.edit.title}: " + (
                     "re-applied exactly" if same and exact else
@@ -252,7 +292,7 @@ class PipelineManager:
                     "recomputed for this model (it differs from the one the edit was saved on)"))
         except BaseException:
             self.stack.goto(start)
-            del self.stack.entries[start:]
+            self.stack.entries[:] = before
             raise
         return notes
 
@@ -267,29 +307,64 @@ class PipelineManager:
         return self.history_dir / f"history-{slug}-{hashlib.sha1(source.encode()).hexdigest()[:8]}.safetensors"
 
     def _saved(self, result):
-        """Write the whole stack after a change (atomically); a failure to write is logged, not raised:
-        the edit itself succeeded and stays."""
+        """Write the whole stack after a change (atomically). The state in memory is the truth: a write that
+        fails never fails the edit; `history_warning` says the history is not being saved until one succeeds,
+        and the stale file is set aside so that a restart does not bring back an older state."""
         path = self.history_path
-        if path is not None:
+        if path is not None and self._claim_history():
             try:
                 save_edits(self._stack.entries, path, position=self._stack.position, model=self._load_args["source"])
-            except OSError as exc:
+                self.history_warning = ""
+            except Exception as exc:  # noqa: BLE001 - any failure to write (disk full, read-only, safetensors)
+                self.history_warning = (f"The edit history is not being saved ({type(exc).__name__}: {exc}); your "
+                                        f"edits are applied but will not come back after a restart. Check {path.parent}.")
                 log.warning("could not save the edit history to %s: %s", path, exc)
+                with suppress(OSError):
+                    path.replace(path.with_name(path.name + ".stale"))
         return result
+
+    def _claim_history(self) -> bool:
+        """Make this process the one writer of its model's history file (a lock file beside it, held until the
+        process ends). Another process holding it: this one runs without saving, and says so."""
+        path = str(self.history_path)
+        if path in HISTORY_LOCKS:
+            return True
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            lock = open(path + ".lock", "a+")
+        except OSError as exc:
+            self.history_warning = f"The edit history is not being saved: {Path(path).parent} is not writable ({exc})."
+            return False
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.close()
+                self.history_warning = (f"Another Concept Studio process is saving this model's history "
+                                        f"({Path(path).name}): this one runs without saving its edits. Start it with "
+                                        "another --history-dir to keep both.")
+                return False
+        HISTORY_LOCKS[path] = lock
+        return True
 
     def _restore_history(self) -> None:
         """Bring back the saved history of this model: the same edits, the same position, the same redo tail.
         An unreadable file is set aside (renamed *.unreadable) and the model starts clean."""
-        path, self.restore_notes = self.history_path, []
-        if path is None or not path.is_file():
+        path, self.restore_notes, self.history_warning = self.history_path, [], ""
+        if path is None:
+            return
+        claimed = self._claim_history()
+        if not path.is_file():
             return
         try:
             saved = load_edit_file(path)
             notes = self._apply_saved(saved.edits)
             self._stack.goto(saved.position)
-        except (StudioError, KeyError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, the studio starts
             aside = path.with_name(path.name + ".unreadable")
-            path.replace(aside)
-            self.restore_notes = [f"the saved history could not be restored ({exc}); it was moved to {aside.name}"]
+            if claimed:  # the file is ours to move
+                path.replace(aside)
+            self.restore_notes = [f"the saved history could not be restored ({exc})"
+                                  + (f"; it was moved to {aside.name}" if claimed else "")]
             return
         self.restore_notes = [f"restored {len(notes)} edit(s) from the last session, {saved.position} applied"] + notes

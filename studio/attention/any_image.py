@@ -1,9 +1,5 @@
-"""Maps for any image: encode it, noise it to a chosen timestep, run the UNet once with the prompt.
-
-The VAE encodes the image (the latent distribution's mean), the training scheduler's
-`add_noise` takes it to timestep t (any t in 0..999, whatever sampler the studio uses), and one
-conditional UNet pass with capture hooked on gives the maps. `repeats` averages the maps over
-several noise draws (one batch), which steadies them at high t.
+"""Maps for any image: encode it, noise it to timestep t (the training scheduler's `add_noise`), run
+the UNet once with the prompt. `repeats` averages noise draws: steadier at high t.
 """
 from __future__ import annotations
 
@@ -13,6 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from .. import models
+from ..checks import whole
 from ..errors import StudioError
 from ..generation import parse_seed
 from ..images import load_rgb, square, to_tensor
@@ -25,20 +22,12 @@ DEFAULT_TIMESTEP = 100
 
 def noising(pipe, timestep, repeats) -> tuple[int, int]:
     """The checked (timestep, repeats) of a noise-the-image-and-look pass."""
-    try:
-        timestep, repeats = int(timestep), int(repeats)
-    except (TypeError, ValueError):
-        raise StudioError("timestep and repeats must be whole numbers") from None
     limit = pipe.scheduler.config.num_train_timesteps
-    if not 0 <= timestep < limit:
-        raise StudioError(f"timestep must be from 0 to {limit - 1} (got {timestep})")
-    if not 1 <= repeats <= 16:
-        raise StudioError(f"repeats must be from 1 to 16 (got {repeats})")
-    return timestep, repeats
+    return whole("timestep", timestep, 0, limit - 1), whole("repeats", repeats, 1, 16)
 
 
 def noised(model, picture, timestep: int, repeats: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`repeats` noise draws of the picture's latent taken to `timestep` by the training scheduler, and t."""
+    """`repeats` noise draws of the picture's latent at `timestep`, and t."""
     pipe, dtype = model.pipe, model.denoiser.dtype
     latent = model.encode_images(to_tensor(picture)[None])
     noise = torch.randn((repeats, *latent.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
@@ -49,13 +38,13 @@ def noised(model, picture, timestep: int, repeats: int, seed: int) -> tuple[torc
 
 
 def encoded(model, prompts: list[str], repeats: int):
-    """Each prompt's conditioning repeated `repeats` times, prompt after prompt (as the pipeline batches them)."""
+    """Each prompt's conditioning `repeats` times, prompt after prompt."""
     return models.Conditioning.cat([model.encode([p]).rows(torch.zeros(repeats, dtype=torch.long)) for p in prompts])
 
 
 def image_maps(manager, image, prompt: str, timestep: int = DEFAULT_TIMESTEP, seed=0, negative: str = "",
                repeats: int = 1, heads: bool = False, self_attention: bool = True) -> AttentionResult:
-    """Cross-attention maps of `prompt` on an uploaded image noised to `timestep` (and its self-attention Q/K)."""
+    """Maps (and self-attention Q/K) of `prompt` on an image noised to `timestep`."""
     image = load_rgb(image)[0]
     prompt, negative = str(prompt or ""), str(negative or "")
     if not prompt.strip():
@@ -67,13 +56,11 @@ def image_maps(manager, image, prompt: str, timestep: int = DEFAULT_TIMESTEP, se
         size = model.default_size
         shown = square(image, size)
         start = time.perf_counter()
-        cfg = bool(negative)
-        with capture(manager, per_step=False, heads=heads, negative=cfg,
-                     tokens=sequence_length(pipe.tokenizer, prompt, negative),
+        rows = [negative, prompt] if negative else [prompt]
+        with capture(manager, heads=heads, negative=bool(negative), tokens=sequence_length(pipe.tokenizer, *rows),
                      self_steps=(0,) if self_attention else ()) as session, torch.no_grad():
             noisy, t = noised(model, shown, timestep, repeats, seed)
-            rows = [negative, prompt] if cfg else [prompt]
-            session.begin(cfg, noisy.shape[-2:])
+            session.begin(bool(negative), noisy.shape[-2:])
             manager.check_stop()
             model.predict(noisy.repeat(len(rows), 1, 1, 1), t, encoded(model, rows, repeats))
         settings = dict(mode="image", timestep=timestep, repeats=repeats, noise_seed=seed, width=size, height=size,

@@ -1,9 +1,7 @@
-"""Export a view: the PNG grid, the raw maps (.npz) and a JSON manifest that says how they were made.
+"""Export a view: the PNG grid, the raw maps (.npz) and a JSON manifest of how they were made.
 
-maps.npz holds attention probabilities, not pixels: `word_maps` (B, W, h, w) for the view's
-selection, `token_maps` (B, T, h, w), every layer's mean map `layer__<name>` (branches, B, N, T)
-and, when kept, every step's `step__<name>` (S, branches, B, N, T). The manifest records prompt,
-seeds, layers, steps, tau and the rest, so a figure can be remade from the files alone.
+maps.npz holds probabilities: `word_maps` (B, W, h, w), `token_maps` (B, T, h, w), each layer's
+`layer__<name>` (branches, B, N, T) and, when kept, `step__<name>` (S, branches, B, N, T).
 """
 from __future__ import annotations
 
@@ -15,42 +13,36 @@ import numpy as np
 from ..errors import StudioError
 from .maps import layer_names, token_maps, word_maps
 from .result import AttentionResult
+from .tokens import prompt_ids
 from .view import View, render_view
 
 
 def export(result: AttentionResult, view: View, out_dir: str | Path) -> list[Path]:
-    """Write grid.png, image-<i>.png, maps.npz and manifest.json into out_dir; returns the paths."""
+    """Write grid.png, image-<i>.png, maps.npz and manifest.json into out_dir; their paths."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StudioError(f"cannot write to {str(out)!r}: {exc.strerror or exc}") from None
-    rendered = render_view(result, view)
-    paths = [out / "grid.png"]
+    rendered, sel = render_view(result, view), view.selection
+    paths = [out / "grid.png", *(out / f"image-{i}.png" for i in range(len(result.images))), out / "maps.npz"]
     rendered.grid(result.images[view.image], view).save(paths[0])
-    for i, im in enumerate(result.images):
-        paths.append(out / f"image-{i}.png")
-        im.save(paths[-1])
-    _, words_all = word_maps(result, rendered.words, view.selection)
-    arrays = {"word_maps": words_all.numpy().astype(np.float32),
-              "token_maps": token_maps(result, view.selection).numpy().astype(np.float32)}
-    for name, m in result.means.items():
-        arrays[f"layer__{name}"] = m.numpy()
-    for name, m in (result.per_step or {}).items():
-        arrays[f"step__{name}"] = m.numpy()
-    paths.append(out / "maps.npz")
+    for path, im in zip(paths[1:], result.images):
+        im.save(path)
+    arrays = {"word_maps": word_maps(result, rendered.words, sel)[1].numpy().astype(np.float32),
+              "token_maps": token_maps(result, sel).numpy().astype(np.float32),
+              **{f"layer__{name}": m.numpy() for name, m in result.means.items()},
+              **{f"step__{name}": m.numpy() for name, m in (result.per_step or {}).items()}}
     np.savez_compressed(paths[-1], **arrays)
-    chosen = layer_names(result, view.selection)
+    chosen = layer_names(result, sel)
     manifest = dict(
         prompt=result.prompt, negative_prompt=result.negative, seeds=result.seeds, mode=result.mode,
-        steps_captured=result.steps,
-        steps=list(view.selection.steps) if view.selection.steps else [0, result.steps - 1],
-        tau=view.tau, normalization=view.normalization, head=view.selection.head, branch=view.selection.branch,
+        steps_captured=result.steps, steps=list(sel.steps) if sel.steps else [0, result.steps - 1],
+        tau=view.tau, normalization=view.normalization, head=sel.head, branch=sel.branch,
         words=[dict(word=w.text, token_positions=list(w.positions)) for w in rendered.words],
-        tokens=result.tokenizer.convert_ids_to_tokens(
-            result.tokenizer(result.prompt, truncation=True, max_length=result.tokenizer.model_max_length).input_ids),
-        layers=[dict(name=n, block=result.layers[n].block, h=result.layers[n].h, w=result.layers[n].w,
-                     used=n in chosen) for n in result.layers],
+        tokens=result.tokenizer.convert_ids_to_tokens(prompt_ids(result.tokenizer, result.prompt)),
+        layers=[dict(name=n, block=layer.block, h=layer.h, w=layer.w, used=n in chosen)
+                for n, layer in result.layers.items()],
         branches=list(result.branches), heads_kept=result.heads, per_step_kept=result.per_step is not None,
         self_attention_steps=sorted(result.self_qk), view=view.describe(), settings=result.settings,
         summary=dict(rows=rendered.summary["rows"],
@@ -63,8 +55,6 @@ def export(result: AttentionResult, view: View, out_dir: str | Path) -> list[Pat
 
 
 def _jsonable(v):
-    if isinstance(v, (np.generic,)):
+    if isinstance(v, np.generic):
         return v.item()
-    if isinstance(v, (set, tuple)):
-        return list(v)
-    return str(v)
+    return list(v) if isinstance(v, (set, tuple)) else str(v)

@@ -1,7 +1,5 @@
-"""Drawing maps: matplotlib colormaps blended over the image, masks as outlines, labelled grids.
-
-Toy images are 64x64, so every tile is drawn at a display size (default 256) with the map
-upsampled bilinearly: readable in the browser and in an exported PNG.
+"""Drawing maps: colormaps blended over the image, masks as outlines, labelled grids. Tiles are
+drawn at a display size (toy images are 64x64), maps upsampled bilinearly.
 """
 from __future__ import annotations
 
@@ -21,45 +19,39 @@ def colorize(m: np.ndarray, cmap: str = "jet") -> np.ndarray:
 
     if cmap not in matplotlib.colormaps:
         raise StudioError(f"unknown colormap {cmap!r}; try one of {', '.join(COLORMAPS)}")
-    rgba = matplotlib.colormaps[cmap](np.clip(m, 0, 1))
-    return (rgba[..., :3] * 255).round().astype(np.uint8)
+    return (matplotlib.colormaps[cmap](np.clip(m, 0, 1))[..., :3] * 255).round().astype(np.uint8)
 
 
-def _resize_map(m: torch.Tensor, size: int) -> np.ndarray:
+def _resize_map(m, size: int) -> torch.Tensor:
     m = torch.as_tensor(m, dtype=torch.float32)
-    return F.interpolate(m[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    return F.interpolate(m[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """Boundary pixels of a boolean mask."""
-    m = torch.as_tensor(mask, dtype=torch.float32)[None, None]
-    eroded = -F.max_pool2d(-m, 3, 1, 1)
-    return (m - eroded)[0, 0].numpy() > 0
+def shown_image(image: Image.Image, size: int) -> Image.Image:
+    return image.convert("RGB").resize((size, size), Image.BICUBIC)
 
 
 def overlay(image: Image.Image, m, cmap: str = "jet", alpha: float = 0.5, size: int = 256,
             mask=None) -> Image.Image:
-    """The image at size x size with the map (values in [0, 1]) blended on top; a mask as an outline."""
+    """The image at size x size, the map (in [0, 1]) blended on top, a mask as an outline."""
     if not 0 <= alpha <= 1:
         raise StudioError(f"alpha must be from 0 to 1 (got {alpha})")
-    base = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
-    heat = colorize(_resize_map(m, size), cmap).astype(np.float32)
-    out = (1 - alpha) * base + alpha * heat
-    if mask is not None:
-        edge = _outline(_resize_map(torch.as_tensor(mask, dtype=torch.float32), size) >= 0.5)
-        out[edge] = (255, 255, 255)
+    out = (1 - alpha) * np.asarray(shown_image(image, size), dtype=np.float32)
+    out += alpha * colorize(_resize_map(m, size).numpy(), cmap).astype(np.float32)
+    if mask is not None:  # the mask's boundary: pixels its 3x3 erosion removes
+        m = (_resize_map(mask, size) >= 0.5).float()[None, None]
+        out[(m + F.max_pool2d(-m, 3, 1, 1))[0, 0].numpy() > 0] = (255, 255, 255)
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
 
 def labelled(tile: Image.Image, text: str, font_size: int = 16) -> Image.Image:
     """The tile with a caption bar underneath."""
     font = ImageFont.load_default(size=font_size)
-    bar = font_size + 10
-    out = Image.new("RGB", (tile.width, tile.height + bar), (255, 255, 255))
+    out = Image.new("RGB", (tile.width, tile.height + font_size + 10), (255, 255, 255))
     out.paste(tile, (0, 0))
     draw = ImageDraw.Draw(out)
-    width = draw.textlength(text, font=font)
-    draw.text(((tile.width - width) / 2, tile.height + 4), text, fill=(20, 20, 20), font=font)
+    draw.text(((tile.width - draw.textlength(text, font=font)) / 2, tile.height + 4), text, fill=(20, 20, 20),
+              font=font)
     return out
 
 
@@ -74,18 +66,3 @@ def grid(tiles: list[Image.Image], columns: int = 4, pad: int = 4) -> Image.Imag
     for i, t in enumerate(tiles):
         out.paste(t, (pad + (i % columns) * (w + pad), pad + (i // columns) * (h + pad)))
     return out
-
-
-def word_tiles(image: Image.Image, labels: list[str], maps: torch.Tensor, cmap: str = "jet", alpha: float = 0.5,
-               masks: torch.Tensor | None = None, size: int = 256) -> list[tuple[Image.Image, str]]:
-    """One (overlay, label) per word; maps (W, h, w) already normalized to [0, 1]."""
-    return [(overlay(image, maps[i], cmap, alpha, size, None if masks is None else masks[i]), label)
-            for i, label in enumerate(labels)]
-
-
-def word_grid(image: Image.Image, labels: list[str], maps: torch.Tensor, cmap: str = "jet", alpha: float = 0.5,
-              masks: torch.Tensor | None = None, size: int = 256, columns: int = 4) -> Image.Image:
-    """The image first, then every word's overlay, each labelled: the PNG the export writes."""
-    tiles = [labelled(image.convert("RGB").resize((size, size), Image.BICUBIC), "image")]
-    tiles += [labelled(t, label) for t, label in word_tiles(image, labels, maps, cmap, alpha, masks, size)]
-    return grid(tiles, columns)

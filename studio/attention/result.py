@@ -1,9 +1,5 @@
-"""What one attention job leaves behind: images and captured attention, on the CPU.
-
-Every view (word maps, a step, a head, a clicked pixel's self-attention, an export) is redrawn
-from an AttentionResult without touching the model, so changing a slider never queues on the
-GPU. Results are kept server-side in a small ResultCache; the UI holds only their key (heavy
-objects never go into gr.State, which deep-copies).
+"""What one attention job leaves, on the CPU: views are redrawn from it without the model (sliders
+never queue on the GPU). The UI holds only a ResultCache key (gr.State deep-copies).
 """
 from __future__ import annotations
 
@@ -23,12 +19,8 @@ from .tokens import Word, prompt_words
 class LayerInfo:
     name: str
     block: str  # down | mid | up
-    h: int
+    h: int      # the layer's resolution
     w: int
-
-    @property
-    def resolution(self) -> int:
-        return self.h
 
 
 @dataclass
@@ -41,7 +33,7 @@ class AttentionResult:
     steps: int                             # denoising steps captured (1 for an uploaded image)
     tokenizer: object
     layers: dict[str, LayerInfo]           # cross-attention layers
-    means: dict[str, torch.Tensor]         # name -> (branches, B, N, T) or (branches, B, H, N, T): mean over steps
+    means: dict[str, torch.Tensor]         # name -> (branches, B, [H,] N, T): mean over steps
     per_step: dict[str, torch.Tensor] | None  # name -> (S, branches, B, N, T), head mean, fp16
     branches: tuple[str, ...]              # ("prompt",) or ("negative", "prompt")
     heads: int | None                      # heads kept separately (None: head mean only)
@@ -61,36 +53,33 @@ class AttentionResult:
         return prompt_words(self.tokenizer, self.negative if branch == "negative" else self.prompt, special)
 
     def resolutions(self) -> list[int]:
-        return sorted({layer.resolution for layer in self.layers.values()}, reverse=True)
+        return sorted({layer.h for layer in self.layers.values()}, reverse=True)
 
 
 def from_session(session: AttentionSession, *, mode: str, images, prompt: str, negative: str, seeds, steps: int,
                  tokenizer, settings: dict, seconds: float = 0.0) -> AttentionResult:
-    """Move what a session captured to the CPU and give it the (branches, B, ...) layout."""
+    """What a session captured, on the CPU, in the (branches, B, ...) layout."""
     store = session.cross
-    if store is None or not store.sums:
+    if not store.sums:
         raise StudioError("no cross-attention was captured: does this model have cross-attention layers?")
-    branches = ("negative", "prompt") if store.negative and store.cfg_batches else ("prompt",)
-    nb = len(branches)
+    branches = ("negative", "prompt") if store.negative else ("prompt",)
 
     def split(t: torch.Tensor) -> torch.Tensor:  # (rows, ...) -> (branches, B, ...)
-        return t.reshape(nb, t.shape[0] // nb, *t.shape[1:])
+        return t.unflatten(0, (len(branches), -1))
 
-    layers, means, per_step = {}, {}, {} if store.per_step else None
-    for name, s in store.sums.items():
-        h, w = session.geometry[name]
-        layers[name] = LayerInfo(name, block_of(name), h, w)
-        means[name] = split((s / store.counts[name]).cpu())
-        if per_step is not None and store.steps.get(name):
-            per_step[name] = torch.stack([split(x) for x in store.steps[name]]).cpu()
-    heads = next(iter(means.values())).shape[2] if store.heads else None
-    self_layers, self_qk = {}, {}
+    def info(name: str) -> LayerInfo:
+        return LayerInfo(name, block_of(name), *session.geometry[name])
+
+    means = {name: split((s / store.counts[name]).cpu()) for name, s in store.sums.items()}
+    per_step = {name: torch.stack([split(x) for x in store.steps[name]]).cpu()
+                for name in store.sums if store.steps.get(name)}
+    self_qk = {}
     for (step, name), (q, k) in session.self_qk.items():
-        h, w = session.geometry[name]
-        self_layers[name] = LayerInfo(name, block_of(name), h, w)
         self_qk.setdefault(step, {})[name] = (q.cpu(), k.cpu())
-    return AttentionResult(mode, list(images), prompt, negative, list(seeds), steps, tokenizer, layers, means,
-                           per_step or None, branches, heads, self_layers, self_qk, settings, seconds=seconds)
+    return AttentionResult(mode, list(images), prompt, negative, list(seeds), steps, tokenizer,
+                           {name: info(name) for name in store.sums}, means, per_step or None, branches,
+                           next(iter(means.values())).shape[2] if store.heads else None,
+                           {name: info(name) for _, name in session.self_qk}, self_qk, settings, seconds=seconds)
 
 
 class ResultCache:

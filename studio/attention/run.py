@@ -1,8 +1,5 @@
-"""Generate with attention captured (and, optionally, attention-guided): the Attention tab's main job.
-
-Everything goes through PipelineManager: `capture(manager, ...)` installs the edit-free hooks and
-holds the lock, `manager.generate` runs the job with progress and stop, so a capture run and a
-plain run of the same request make the same image.
+"""Generate with attention captured (optionally guided). Capture changes no output: a capture run
+and a plain run of a request make the same image.
 """
 from __future__ import annotations
 
@@ -18,30 +15,31 @@ from .tokens import sequence_length
 
 @dataclass
 class CaptureOptions:
-    per_step: bool = True            # keep head-averaged maps of every step (scrubbing, step ranges)
+    per_step: bool = True            # keep head-averaged maps of every step
     heads: bool = False              # keep every head's running sum (one-head views)
     negative: bool | None = None     # capture the negative prompt's maps; None: when one is given
-    self_step: int | None = None     # keep self-attention Q/K at this step; None: the middle step; -1: none
+    self_step: int | None = None     # keep self-attention Q/K at this step; None: the middle; -1: none
 
 
 def generate_with_maps(manager, request: GenerationRequest, options: CaptureOptions | None = None,
                        control: Control | None = None, progress=None) -> AttentionResult:
     """One generation with cross-attention (and self-attention Q/K at one step) captured."""
     options = options or CaptureOptions()
-    pipe = manager.pipe
-    r = request.validated(pipe)
+    pipe, r = manager.pipe, request.validated(manager.pipe)
     if not r.prompt.strip():
         raise StudioError("type a prompt: the maps show where each of its words attends")
-    negative = bool(r.negative_prompt) if options.negative is None else options.negative
+    control = control if control and control.active else None
     self_step = r.steps // 2 if options.self_step is None else int(options.self_step)
-    plugins = control.plugins(pipe.tokenizer, r.prompt, manager.check_stop) if control and control.active else []
-    with capture(manager, per_step=options.per_step, heads=options.heads, negative=negative,
-                         tokens=sequence_length(pipe.tokenizer, r.prompt, r.negative_prompt),
-                         self_steps=(self_step,) if 0 <= self_step < r.steps else (), plugins=plugins) as session:
+    self_step = self_step if 0 <= self_step < r.steps else None
+    plugins = control.plugins(pipe.tokenizer, r.prompt, manager.check_stop) if control else []
+    with capture(manager, per_step=options.per_step, heads=options.heads,
+                 negative=bool(r.negative_prompt) if options.negative is None else options.negative,
+                 tokens=sequence_length(pipe.tokenizer, r.prompt, r.negative_prompt),
+                 self_steps=() if self_step is None else (self_step,), plugins=plugins) as session:
         out = manager.generate(r, progress)
     settings = dict(mode="generate", sampler=r.sampler, steps=r.steps, guidance=r.guidance, width=r.width,
-                    height=r.height, self_attention_step=self_step if 0 <= self_step < r.steps else None,
-                    control=control.describe() if control and control.active else None, model=manager.describe())
+                    height=r.height, self_attention_step=self_step,
+                    control=control.describe() if control else None, model=manager.describe())
     result = from_session(session, mode="generate", images=out.images, prompt=r.prompt, negative=r.negative_prompt,
                           seeds=out.seeds, steps=r.steps, tokenizer=pipe.tokenizer, settings=settings,
                           seconds=out.seconds)

@@ -1,9 +1,5 @@
-"""Self-attention on demand: one clicked pixel's attention row, and the top components (prompt-to-prompt).
-
-Self-attention is N x N per head (4096^2 at 64x64 latents), so capture keeps only the layers' Q
-and K at one step. A pixel's row is softmax(scale * q_i K^T): N numbers per head, computed when
-the user clicks. The full matrix is formed only where it is small (N <= 32^2), to show its
-principal components as images, as prompt-to-prompt does.
+"""Self-attention on demand: a clicked pixel's row softmax(scale * q_i K^T) from the kept Q and K
+(never all N x N), and the top components (prompt-to-prompt) where N <= 32^2.
 """
 from __future__ import annotations
 
@@ -24,9 +20,8 @@ def _layers(result: AttentionResult, step: int | None, resolutions, blocks) -> t
     step = steps[0] if step is None else int(step)
     if step not in result.self_qk:
         raise StudioError(f"self-attention was kept at step {', '.join(map(str, steps))} only (asked for {step})")
-    layers = [result.self_layers[n] for n in result.self_qk[step]
-              if result.self_layers[n].block in blocks
-              and (resolutions is None or result.self_layers[n].resolution in resolutions)]
+    layers = [layer for layer in map(result.self_layers.get, result.self_qk[step])
+              if layer.block in blocks and (resolutions is None or layer.h in resolutions)]
     if not layers:
         raise StudioError("no self-attention layer matches the chosen resolutions and blocks")
     return step, layers
@@ -34,7 +29,7 @@ def _layers(result: AttentionResult, step: int | None, resolutions, blocks) -> t
 
 def pixel_row(result: AttentionResult, x: float, y: float, image: int = 0, step: int | None = None,
               resolutions=None, blocks=BLOCKS, head: int | None = None) -> torch.Tensor:
-    """Where pixel (x, y) of the image (in image pixels) attends: (h, w) on the finest chosen layer, sums to ~1."""
+    """Where image pixel (x, y) attends: (h, w) on the finest chosen layer, summing to ~1."""
     height, width = result.size
     if not (0 <= x < width and 0 <= y < height):
         raise StudioError(f"pixel ({x}, {y}) is outside the {width}x{height} image")
@@ -48,11 +43,9 @@ def pixel_row(result: AttentionResult, x: float, y: float, image: int = 0, step:
         if head is not None and not 0 <= int(head) < q.shape[1]:
             raise StudioError(f"head {head} does not exist: the layers have heads 0..{q.shape[1] - 1}")
         i = int(y * layer.h / height) * layer.w + int(x * layer.w / width)
-        qi, kk = q[image, :, i].float(), k[image].float()                      # (H, d), (H, N, d)
-        row = torch.einsum("hd,hnd->hn", qi, kk).softmax(-1)  # q was stored pre-scaled
-        row = row.mean(0) if head is None else row[int(head)]
-        m = row.reshape(1, 1, layer.h, layer.w)
-        if (layer.h, layer.w) != (h, w):
+        row = torch.einsum("hd,hnd->hn", q[image, :, i].float(), k[image].float()).softmax(-1)  # q pre-scaled
+        m = (row.mean(0) if head is None else row[int(head)]).reshape(1, 1, layer.h, layer.w)
+        if (layer.h, layer.w) != (h, w):  # still a distribution on the finer grid
             m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False) * (layer.h * layer.w) / (h * w)
         out = out + m[0, 0]
     return out / len(layers)
@@ -63,26 +56,24 @@ def explicit_matrix(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     if q.shape[-2] > EXPLICIT_LIMIT:
         raise StudioError(f"a full self-attention matrix is formed only up to {EXPLICIT_LIMIT} positions "
                           f"(this layer has {q.shape[-2]}): click pixels instead")
-    q, k = q.float(), k.float()
-    return (q @ k.transpose(-1, -2)).softmax(-1)  # q was stored pre-scaled
+    return (q.float() @ k.float().transpose(-1, -2)).softmax(-1)  # q was stored pre-scaled
 
 
 def components(result: AttentionResult, n: int = 6, image: int = 0, step: int | None = None,
                resolution: int | None = None, blocks=BLOCKS) -> tuple[int, torch.Tensor]:
-    """The top-n principal components of the (layer- and head-averaged, row-centred) self-attention
-    matrix at one resolution <= 32x32 (default: the finest such): (resolution, (n, h, w) in [0, 1])."""
+    """Top-n principal components of the mean, row-centred self-attention at a resolution <= 32
+    (default: the finest): (resolution, (n, h, w) in [0, 1])."""
     step, layers = _layers(result, step, None, blocks)
-    small = sorted({layer.resolution for layer in layers if layer.h * layer.w <= EXPLICIT_LIMIT}, reverse=True)
+    small = sorted({layer.h for layer in layers if layer.h * layer.w <= EXPLICIT_LIMIT}, reverse=True)
     if not small:
         raise StudioError("every self-attention layer is larger than 32x32: click pixels instead")
     resolution = small[0] if resolution is None else int(resolution)
     if resolution not in small:
         raise StudioError(f"choose a resolution of {', '.join(map(str, small))} for components")
-    chosen = [layer for layer in layers if layer.resolution == resolution]
+    chosen = [layer for layer in layers if layer.h == resolution]
     a = torch.stack([explicit_matrix(*(t[image] for t in result.self_qk[step][layer.name])).mean(0)
                      for layer in chosen]).mean(0)
     _, _, vh = torch.linalg.svd(a - a.mean(1, keepdim=True))
-    h, w = chosen[0].h, chosen[0].w
-    comps = vh[:n].reshape(-1, h, w)
+    comps = vh[:n].reshape(-1, chosen[0].h, chosen[0].w)
     lo, hi = comps.amin((1, 2), keepdim=True), comps.amax((1, 2), keepdim=True)
     return resolution, (comps - lo) / (hi - lo).clamp_min(1e-12)

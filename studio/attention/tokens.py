@@ -1,9 +1,5 @@
-"""Prompt tokens and words: which of the 77 text positions a word of the prompt occupies.
-
-Maps are captured per token; users think in words. A word is the run of BPE tokens up to the one
-that ends with CLIP's end-of-word mark, so a word's map is the mean over its subword tokens.
-SOS (position 0) and EOS are real positions with maps of their own (SOS soaks up most of the
-attention); they are listed as "<sos>" and "<eos>" and hidden unless asked for.
+"""Prompt words <-> token positions. A word is the run of BPE tokens up to an end-of-word mark; SOS
+(position 0) and EOS have maps too, listed as "<sos>"/"<eos>", hidden unless asked for.
 """
 from __future__ import annotations
 
@@ -30,7 +26,7 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def prompt_words(tokenizer, prompt: str, special: bool = False) -> list[Word]:
-    """The prompt's words in order (repeated words get ' (2)', ' (3)'); SOS/EOS first/last if `special`."""
+    """The prompt's words in order (repeats get ' (2)', ' (3)'); SOS/EOS around if `special`."""
     ids = prompt_ids(tokenizer, prompt)
     pieces = tokenizer.convert_ids_to_tokens(ids)
     words, run, seen = [], [], {}
@@ -41,15 +37,11 @@ def prompt_words(tokenizer, prompt: str, special: bool = False) -> list[Word]:
             seen[text] = seen.get(text, 0) + 1
             words.append(Word(text if seen[text] == 1 else f"{text} ({seen[text]})", tuple(run)))
             run = []
-    if special:
-        words = [Word(SOS, (0,))] + words + [Word(EOS, (len(ids) - 1,))]
-    return words
+    return [Word(SOS, (0,)), *words, Word(EOS, (len(ids) - 1,))] if special else words
 
 
 def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
-    """Positions of the subword tokens of `word` (or a phrase) in `prompt`: its first occurrence.
-
-    "<sos>"/"<eos>" name the special positions; "word (2)" the second occurrence of a word."""
+    """Positions of `word`'s (or a phrase's) tokens, first occurrence ("word (2)": the second)."""
     word = str(word or "").strip()
     if not word:
         raise StudioError("empty word: type a word of the prompt")
@@ -66,18 +58,16 @@ def token_positions(tokenizer, prompt: str, word: str) -> list[int]:
 
 
 def resolve_words(tokenizer, prompt: str, words=None, special: bool = False) -> list[Word]:
-    """Words to show: the given ones (a comma-separated string or a list) or every word of the prompt."""
-    if isinstance(words, str):
-        words = [w.strip() for w in words.split(",")]
-    words = [w for w in (words or []) if str(w).strip()]
-    if not words:
-        found = prompt_words(tokenizer, prompt, special)
-        if not found:
-            raise StudioError("the prompt has no words to show maps for")
-        return found
-    return [Word(str(w).strip(), tuple(token_positions(tokenizer, prompt, w))) for w in words]
+    """The given words (comma-separated or a list), or every word of the prompt."""
+    words = [w for w in (words.split(",") if isinstance(words, str) else words or []) if str(w).strip()]
+    if words:
+        return [Word(str(w).strip(), tuple(token_positions(tokenizer, prompt, w))) for w in words]
+    found = prompt_words(tokenizer, prompt, special)
+    if not found:
+        raise StudioError("the prompt has no words to show maps for")
+    return found
 
 
 def sequence_length(tokenizer, *prompts: str) -> int:
-    """Positions worth keeping: up to the last EOS of the longest prompt (padding carries no word)."""
+    """Positions worth keeping: up to the longest prompt's EOS (padding carries no word)."""
     return max(len(prompt_ids(tokenizer, p or "")) for p in prompts)

@@ -1,17 +1,13 @@
-"""One view of a result: which words, layers, steps and head, how normalized, drawn how.
-
-The tab, the CLI and the export all draw through `render_view`, so what a user sees is what
-they export.
+"""One view of a result: the tab, the CLI and the export all draw through `render_view`, so what a
+user sees is what they export.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ..errors import StudioError
-from .maps import Selection, binarize, normalize, summary, word_maps
-from .render import word_grid, word_tiles
+from .maps import Selection, binarize, check_branch, normalize, summary, word_maps
+from .render import grid, labelled, overlay, shown_image
 from .result import AttentionResult
 from .tokens import resolve_words
 
@@ -39,28 +35,21 @@ class View:
 @dataclass
 class Rendered:
     words: list
-    raw: torch.Tensor        # (W, h, w) attention probabilities on the layer grid
-    shown: torch.Tensor      # (W, h, w) normalized as asked
-    masks: torch.Tensor      # (W, h, w) bool at tau
     tiles: list              # [(PIL image, label)]
     summary: dict
 
     def grid(self, image, view: View):
-        return word_grid(image, [label for _, label in self.tiles], self.shown, view.cmap, view.alpha,
-                         self.masks if view.outline else None, view.size)
+        """The image, then every word's tile, labelled: the PNG the export writes."""
+        return grid([labelled(shown_image(image, view.size), "image")] + [labelled(*t) for t in self.tiles])
 
 
 def render_view(result: AttentionResult, view: View) -> Rendered:
     if not 0 <= view.image < len(result.images):
         raise StudioError(f"image {view.image} does not exist (this result has {len(result.images)})")
-    if view.selection.branch not in result.branches:
-        raise StudioError("negative-prompt maps were not captured: give a negative prompt (and guidance > 1) and run again")
-    prompt = result.negative if view.selection.branch == "negative" else result.prompt
-    words = resolve_words(result.tokenizer, prompt, view.words, view.special)
-    words, maps = word_maps(result, words, view.selection)
-    raw = maps[view.image]
+    prompt = check_branch(result, view.selection)
+    words, maps = word_maps(result, resolve_words(result.tokenizer, prompt, view.words, view.special), view.selection)
     shown = normalize(maps, view.normalization)[view.image].clamp(0, 1)
     masks = binarize(shown, view.tau)
-    tiles = word_tiles(result.images[view.image], [w.text for w in words], shown, view.cmap, view.alpha,
-                       masks if view.outline else None, view.size)
-    return Rendered(words, raw, shown, masks, tiles, summary(result, words, view.selection, view.tau, view.image))
+    tiles = [(overlay(result.images[view.image], shown[i], view.cmap, view.alpha, view.size,
+                      masks[i] if view.outline else None), w.text) for i, w in enumerate(words)]
+    return Rendered(words, tiles, summary(result, words, view.selection, view.tau, view.image))

@@ -1,16 +1,9 @@
-"""Region composition by collage: each region's words are drawn alone, cut out and placed in their region;
-then the full prompt redraws the last `strength` of the steps from that collage (SDEdit), every region's
-pixels denoised by a UNet pass in which only the learned concepts its words name act (the two stages of
-OMG, with Mix-of-Show's regional sampling; the collage start is Collage Diffusion's).
-
-Why not only steer attention: a learned concept keeps its identity where it was taught, alone in the frame.
-On the toy model, masking the concepts' tokens (or their LoRA changes) to regions while sampling from noise
-left both learned shapes in at most 38% of the "a <heart> and a <cross>" images; each concept drawn alone
-is right most of the time, and harmonising a collage of the two keeps both.
-
-The cut-out is what differs from the picture's border colour (objects on plain backgrounds, like the toy
-world, product shots or stickers); on a busy background the whole picture is placed, shrunk into the
-region, and the redraw blends it in.
+"""Region composition by collage: each region's words are drawn alone, cut out (what differs from the border
+colour; on a busy background the whole picture) and placed in their region; then the full prompt redraws the
+last `strength` of the steps from that collage (SDEdit), each region's pixels by a UNet pass in which only the
+learned concepts its words name act (OMG's two stages, Mix-of-Show's regional sampling, Collage Diffusion's start).
+Why: on the toy model, masking the concepts to regions while sampling from noise kept both learned shapes in at
+most 38% of "a <heart> and a <cross>" images; each concept drawn alone is right most of the time.
 
 Region edits (compose.region_edit) are applied here: without a collage, compose's attention steering; with
 one, a 'model' steering slot around the UNet's forward and a 'sampling' slot that draws the regions.
@@ -129,23 +122,18 @@ class Collage:
             canvas = np.broadcast_to(border_colour(shots[0][i]), shots[0][i].shape).astype(np.float32).copy()
             masks.append(np.stack([place(canvas, shot[i], box) for shot, box in zip(shots, boxes)]))
             pictures.append(canvas)
-        self.layout = self.encode(np.stack(pictures), torch.from_numpy(np.stack(masks)), words, contexts,
-                                  len(scheduler.timesteps))
-        return latents
-
-    def encode(self, pictures: np.ndarray, masks: torch.Tensor, words: list[str], contexts: list, steps: int) -> dict:
-        """The layout of one generation: the collage's latents, each region's pixels on the latent grid (grown
-        by one cell, so the seams are redrawn by the region's pass), the concepts each pass keeps (its own,
-        and those no region names; the last pass, for the pixels outside every region, keeps only the
-        latter) and each region pass's prompt embeddings."""
-        x = torch.from_numpy(pictures).permute(0, 3, 1, 2) / 127.5 - 1
-        x0 = models.of(self.pipe).encode_images(x)
-        grid = F.max_pool2d(F.max_pool2d((masks > 0.5).float(), self.pipe.vae_scale_factor), 3, 1, 1)
-        scopes = prompt_scopes(self.pipe)
+        # the layout: the collage's latents, each region's pixels on the latent grid (grown by a cell: the seams
+        # are redrawn by the region's pass), the concepts each pass keeps (its own and those no region names; the
+        # last pass, outside every region, only the latter) and each region pass's prompt embeddings
+        x0 = model.encode_images(torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2) / 127.5 - 1)
+        masks = torch.from_numpy(np.stack(masks))
+        grid = F.max_pool2d(F.max_pool2d((masks > 0.5).float(), pipe.vae_scale_factor), 3, 1, 1)
+        scopes = prompt_scopes(pipe)
         named = [[s for s in scopes if any(t.lower() in w.lower() for t in s.words)] for w in words]
         unnamed = [s for s in scopes if not any(s in n for n in named)]
-        return dict(x0=x0, grid=grid, scopes=scopes, keep=[n + unnamed for n in named] + [unnamed],
-                    hold=round((1 - self.strength) * steps), context=contexts)
+        self.layout = dict(x0=x0, grid=grid, scopes=scopes, keep=[n + unnamed for n in named] + [unnamed],
+                           hold=round((1 - self.strength) * len(scheduler.timesteps)), context=contexts)
+        return latents
 
     def step_end(self, pipe, i, t, kwargs):
         return kwargs

@@ -1,16 +1,11 @@
 """Several learned concepts in one image: four ways, each one Edit on the stack (undoable, in the history).
 
-- merge_edit ("compose_merge"): Custom Diffusion's closed-form merge. Per cross-attention K/V layer,
-  W = argmin ‖W·C_reg − W₀·C_reg‖ s.t. W·C_tgt = V_tgt: the concepts' own outputs on their token
-  features are kept exactly, ordinary captions' outputs as well as possible. Solved once, at build time.
-- adapters_edit ("compose_adapters"): one unfused peft LoRA adapter per concept, each at its weight,
-  all active at once; full deltas ride as exact full-rank factors.
-- region_edit ("compose_regions"): training-free region-aware sampling (Concept Conductor / LoRA-Composer
-  idea): a region's words can be attended only by pixels inside it, so identities do not bleed.
-- t2i_zero_edit ("compose_t2i_zero"): Multi-Concept T2I-Zero: correction by similarities on the text
-  embeddings and cross-token non-maximum suppression in cross-attention.
-The last two change no weights: they are steering slots (an attention processor adding a bias on every
-cross-attention; T2I-Zero's correction a 'condition' slot). Region edits are applied in collage.py.
+- merge_edit: Custom Diffusion's closed-form merge, per cross-attention K/V layer W = argmin ‖W·C_reg − W₀·C_reg‖
+  s.t. W·C_tgt = V_tgt (outputs on the concepts' token features exact, ordinary captions' kept).
+- adapters_edit: one unfused peft LoRA adapter per concept at its weight, all active; full deltas as factors.
+- region_edit: a region's words can be attended only by pixels inside it (Concept Conductor / LoRA-Composer).
+- t2i_zero_edit: Multi-Concept T2I-Zero's correction by similarities and cross-token non-maximum suppression.
+The last two are steering slots (attention bias, 'condition'), no weights; region edits are applied in collage.py.
 """
 from __future__ import annotations
 
@@ -26,14 +21,14 @@ from .. import models, steering
 from ..attention.capture import attention_probs, grid_shape, project_qk
 from ..attention.control import STANDARD_PROCESSORS, gaussian_smooth
 from ..attention.tokens import prompt_ids
-from ..checks import base_signature, check_base, number
+from ..checks import base_signature, check_base, known, number, whole
 from ..edits import EDIT_KINDS, Edit, edit_kind, find_tensor, module_slot
 from ..erase.text import encode
 from ..errors import StudioError
 from ..fingerprint import edit_digest
 from .concept import check_strength, install_tokens, token_names, weight_delta
 from .scope import PromptWords
-from .train import DEFAULT_TEMPLATES, expand, fill, kv_modules
+from .train import DEFAULT_TEMPLATES, fill, kv_modules
 
 NEG = -1e4  # additive attention bias that removes a key (exp(-1e4) == 0) and stays finite in fp16
 REG_TEMPLATES = ("a photo of a {}", "a painting of a {}", "a {} in the street", "a close-up of a {}",
@@ -43,6 +38,7 @@ REG_WORDS = ("dog", "cat", "car", "house", "tree", "person", "bird", "flower", "
              "city", "horse", "cup", "book", "child", "river", "lamp", "train")
 # ordinary captions whose K/V outputs the merge preserves by default (Custom Diffusion uses 200 LAION captions)
 REG_PROMPTS = tuple(t.format(w) for t in REG_TEMPLATES for w in REG_WORDS)
+RIDGE = 1e-6  # the merge's ridge, relative to the mean eigenvalue (see merge_map)
 
 
 # -- shared checks ----------------------------------------------------------------------------------
@@ -91,7 +87,7 @@ def token_features(pipe, concept: Edit, templates) -> torch.Tensor:
         EDIT_KINDS["learned_concept"](pipe, dict(concept.params), dict(concept.tensors), patch)
         token = concept.params["token"]
         ids = set(pipe.tokenizer.convert_tokens_to_ids(token_names(token, len(concept.tensors["embedding"]))))
-        prompts = [expand(pipe, fill(t, token)) for t in templates]
+        prompts = [models.of(pipe).spelled(fill(t, token)) for t in templates]
         emb = encode(pipe, prompts)
         rows = [emb[i, j] for i, p in enumerate(prompts)
                 for j, t in enumerate(prompt_ids(pipe.tokenizer, p)) if t in ids]
@@ -111,20 +107,17 @@ def merge_map(targets: torch.Tensor, gram: torch.Tensor, ridge: float) -> torch.
     return torch.linalg.solve(inner, a_inv_ct.T)
 
 
-def merge_edit(pipe, concepts: list[Edit], reg_prompts: list[str] | None = None, *,
-               templates: list[str] | None = None, ridge: float = 1e-6) -> Edit:
+def merge_edit(pipe, concepts: list[Edit], reg_prompts: list[str] | None = None) -> Edit:
     """Merge concepts' K/V changes in closed form (Custom Diffusion): call it with the manager's lock held.
 
-    C_tgt: each concept's token features in `templates` (default: training's templates); C_reg: all
-    positions of `reg_prompts` (default: REG_PROMPTS, 200 ordinary captions). Changes outside attn2 K/V are summed.
+    C_tgt: each concept's token features in training's templates; C_reg: all positions of `reg_prompts`
+    (default: REG_PROMPTS, 200 ordinary captions). Changes outside attn2 K/V are summed.
     """
     concepts = check_concepts(concepts, 2, need_token=True)
     for c in concepts:
         check_base(pipe, c.params)
-    ridge = number("ridge", ridge, 0, 1)
-    templates = [t for t in (templates or DEFAULT_TEMPLATES) if str(t).strip()]
-    reg_prompts = REG_PROMPTS if reg_prompts is None else reg_prompts
-    reg_prompts = [str(p) for p in reg_prompts if str(p).strip()]
+    templates, ridge = list(DEFAULT_TEMPLATES), RIDGE
+    reg_prompts = [str(p) for p in (REG_PROMPTS if reg_prompts is None else reg_prompts) if str(p).strip()]
     if len(reg_prompts) < 10:
         raise StudioError(f"the merge needs ordinary captions to preserve (about 200; got {len(reg_prompts)})")
     kv = sorted(kv_modules(pipe.unet))
@@ -132,13 +125,10 @@ def merge_edit(pipe, concepts: list[Edit], reg_prompts: list[str] | None = None,
         raise StudioError("this UNet has no plain cross-attention K/V layers (are adapters installed? undo them first)")
 
     features = [token_features(pipe, c, templates) for c in concepts]
-    targets = torch.cat(features)
-    gram = reg_gram(pipe, reg_prompts)
+    targets, gram = torch.cat(features), reg_gram(pipe, reg_prompts)
     T = merge_map(targets, gram, ridge)
     strengths = [check_strength(c.params.get("strength", 1.0)) for c in concepts]
-
-    tensors, errors = {}, [0.0] * len(concepts)
-    reg = {"merged": 0.0, "summed": 0.0, "base": 0.0}
+    tensors, errors, reg = {}, [0.0] * len(concepts), {"merged": 0.0, "summed": 0.0, "base": 0.0}
     for name in kv:
         w0 = find_tensor(pipe, name).detach().double().cpu()
         deltas = [weight_delta(c.tensors, name, w0.shape) for c in concepts]
@@ -155,31 +145,28 @@ def merge_edit(pipe, concepts: list[Edit], reg_prompts: list[str] | None = None,
         summed = sum(d for d in deltas if d is not None)
         for key, m in (("merged", merged), ("summed", summed), ("base", w0)):
             reg[key] += float(((m @ gram) * m).sum())
-    outside: dict[str, torch.Tensor] = {}
-    owners: dict[str, list[str]] = {}
+    owners: dict[str, list[str]] = {}  # changes outside K/V, summed
     for c, s in zip(concepts, strengths):
-        for name in c.params.get("modules", []):
-            if name not in kv:
-                w = find_tensor(pipe, name)
-                outside[name] = outside.get(name, 0) + s * weight_delta(c.tensors, name, w.shape).float()
-                owners.setdefault(c.params["token"], []).append(name)
-    tensors.update({f"{n}.delta": d for n, d in outside.items()})
+        for name in [n for n in c.params.get("modules", []) if n not in kv]:
+            delta = s * weight_delta(c.tensors, name, find_tensor(pipe, name).shape).float()
+            tensors[f"{name}.delta"] = tensors.get(f"{name}.delta", 0) + delta
+            owners.setdefault(c.params["token"], []).append(name)
+    tokens = [c.params["token"] for c in concepts]
     for i, c in enumerate(concepts):
         tensors[f"embedding.{i}"] = c.tensors["embedding"].float().cpu()
-
-    notes = [f"{c.params['token']}: textual inversion only (its token joins; its K/V outputs are kept as they are)"
-             for c in concepts if not any(n in kv for n in c.params.get("modules", []))]
-    if outside:
-        notes.append(f"{len(outside)} weight change(s) outside cross-attention K/V were summed, not merged "
+    notes = [f"{t}: textual inversion only (its token joins; its K/V outputs are kept as they are)"
+             for t, c in zip(tokens, concepts) if not any(n in kv for n in c.params.get("modules", []))]
+    if owners:
+        count = len({n for names in owners.values() for n in names})
+        notes.append(f"{count} weight change(s) outside cross-attention K/V were summed, not merged "
                      f"({'; '.join(f'{t}: {len(n)}' for t, n in owners.items())}); where concepts share a layer "
                      "they may interfere")
-    tokens = [c.params["token"] for c in concepts]
+    ratio = lambda key: round(math.sqrt(reg[key] / reg["base"]), 6) if reg["base"] else 0.0  # noqa: E731
     params = dict(tokens=tokens, concepts=[c.title for c in concepts], modules=sorted(n.removesuffix(".delta")
                   for n in tensors if n.endswith(".delta")), base_model=base_signature(pipe),
                   reg_prompts=len(reg_prompts), templates=templates, ridge=ridge, notes=notes,
                   constraint_error={t: round(e, 6) for t, e in zip(tokens, errors)},
-                  reg_change=round(math.sqrt(reg["merged"] / reg["base"]), 6) if reg["base"] else 0.0,
-                  reg_change_if_summed=round(math.sqrt(reg["summed"] / reg["base"]), 6) if reg["base"] else 0.0)
+                  reg_change=ratio("merged"), reg_change_if_summed=ratio("summed"))
     return Edit("compose_merge", params, tensors, label=f"merge {' + '.join(tokens)} (closed form)")
 
 
@@ -283,9 +270,8 @@ def apply_adapters(pipe, params: dict, tensors: dict, patch) -> None:
 
 # -- steering: what (c) and (d) share --------------------------------------------------------------
 class Steering(PromptWords):
-    """An attention steering (regions, T2I-Zero's suppression): an additive bias on the conditional rows'
-    cross-attention during the first `until` of the denoising passes; subclasses say which bias:
-    `bias(attn, q, k, hw)` -> (rows, N, T) for the conditional rows' queries q and keys k."""
+    """An additive bias on the conditional rows' cross-attention during the first `until` of the denoising
+    passes (regions, T2I-Zero's suppression): subclasses give `bias(attn, q, k, hw)` -> (rows, N, T)."""
 
     def __init__(self, pipe, words: list[str], until: float, signature: str):
         super().__init__(pipe, words, signature)
@@ -326,9 +312,8 @@ class Steering(PromptWords):
 
 
 class SteeredAttention:
-    """attn2 processor: SDPA attention plus the sum of its steerings' additive biases on the conditional
-    rows (an attention mask, so the fused kernel stays); a pass with nothing to steer goes to the
-    original processor unchanged."""
+    """attn2 processor: SDPA plus the sum of its steerings' biases on the conditional rows (an attention mask: the
+    fused kernel stays); a pass with nothing to steer goes to the original processor unchanged."""
 
     def __init__(self, base, steerings: list[Steering], clock: bool):
         self.base, self.steerings, self.clock = base, steerings, clock
@@ -363,15 +348,11 @@ class SteeredAttention:
 
 # -- (c) region-aware sampling ----------------------------------------------------------------------
 def region_edit(regions: list[tuple[str, object]], *, until: float = 0.5, collage: float = 0.0) -> Edit:
-    """Each (words, region): the words' tokens are attended only inside the region, a box (x0, y0, x1, y1)
-    in fractions of the image or a 2-D mask of any size; `until`: the fraction of steps to steer (the
-    layout is fixed early; on the toy model steering half the steps kept both objects more often than
-    steering all of them: 7/8 vs 6/8 images).
-
-    `collage` > 0 composes by collage instead (see collage.py): each region's words are drawn alone and
-    placed in the region, then the full prompt redraws that share of the steps, each region with only its
-    own learned concepts."""
-    if isinstance(regions, (str, bytes)) or not isinstance(regions, (list, tuple)):
+    """Each (words, region): the words' tokens are attended only inside the region, a box (x0, y0, x1, y1) in
+    fractions of the image or a 2-D mask of any size; `until`: the fraction of steps to steer (the layout is
+    fixed early: on the toy model half the steps kept both objects in 7/8 images, all of them in 6/8).
+    `collage` > 0 composes by collage instead (collage.py), redrawing that share of the steps."""
+    if not isinstance(regions, (list, tuple)):
         raise StudioError("regions are a list of (words, box or mask) pairs")
     specs, tensors = [], {}
     for i, item in enumerate(regions):
@@ -398,9 +379,7 @@ def region_edit(regions: list[tuple[str, object]], *, until: float = 0.5, collag
 
 
 def check_regions(params: dict, tensors: dict) -> None:
-    unknown = set(params) - {"regions", "until", "collage"}
-    if unknown:
-        raise StudioError(f"unknown region parameter(s): {', '.join(sorted(unknown))}")
+    known(params, ("regions", "until", "collage"), "region")
     specs = params.get("regions")
     if not specs:
         raise StudioError("draw at least one region and say which words of the prompt belong in it")
@@ -475,19 +454,14 @@ class RegionSteering(Steering):
 
 
 # -- (d) Multi-Concept T2I-Zero ---------------------------------------------------------------------
-# The paper's hyperparameter values could not be checked offline: these defaults are A&E's smoothing
-# (kernel 3, sigma 0.5), hard suppression, and a top-3 / temperature-0.1 mix chosen on the toy model.
+# Not the paper's values (not checkable offline): A&E's smoothing, hard suppression, top-3 / temperature 0.1.
 T2I_ZERO_DEFAULTS = dict(correction=True, top_k=3, temperature=0.1, nms=True, suppress=0.0, smooth=[3, 0.5], until=1.0)
 
 
 def t2i_zero_edit(words: list[str], **options) -> Edit:
-    """Multi-Concept T2I-Zero for the concept `words` of the prompt (learned tokens or plain words).
-
-    correction (top_k, temperature): each concept token's embedding becomes the softmax(cos/temperature)
-    mix of its top_k most similar word tokens of the prompt (itself included);
-    nms (suppress, smooth=[kernel, sigma], until): per pixel only the concept with the largest smoothed
-    attention keeps its keys, the others' attention is scaled by `suppress` (0: removed).
-    """
+    """Multi-Concept T2I-Zero for the concept `words` of the prompt (learned tokens or plain words):
+    `correction` (top_k, temperature; see correct_by_similarities) and/or `nms` (suppress, smooth=[kernel,
+    sigma], until; see nms_bias)."""
     words = [words] if isinstance(words, str) else list(words or [])
     params = {**T2I_ZERO_DEFAULTS, **options, "words": words}
     check_t2i_zero(params)
@@ -496,9 +470,7 @@ def t2i_zero_edit(words: list[str], **options) -> Edit:
 
 
 def check_t2i_zero(p: dict) -> dict:
-    unknown = set(p) - set(T2I_ZERO_DEFAULTS) - {"words"}
-    if unknown:
-        raise StudioError(f"unknown T2I-Zero parameter(s): {', '.join(sorted(unknown))}")
+    known(p, [*T2I_ZERO_DEFAULTS, "words"], "T2I-Zero")
     p = {**T2I_ZERO_DEFAULTS, **p}
     words = [w.strip() for w in p.get("words") or [] if isinstance(w, str) and w.strip()]
     if len(words) < 2 or len(words) != len(p["words"]):
@@ -508,8 +480,7 @@ def check_t2i_zero(p: dict) -> dict:
         raise StudioError("each concept word once: T2I-Zero separates different concepts")
     if not isinstance(p["correction"], bool) or not isinstance(p["nms"], bool) or not (p["correction"] or p["nms"]):
         raise StudioError("T2I-Zero: turn on the correction, the suppression, or both (true/false)")
-    if isinstance(p["top_k"], bool) or not isinstance(p["top_k"], int) or not 1 <= p["top_k"] <= 76:
-        raise StudioError(f"top_k must be a whole number from 1 to 76 (got {p['top_k']!r})")
+    top_k = whole("top_k", p["top_k"], 1, 76)
     number("temperature", p["temperature"], 1e-4, 100)
     number("suppress", p["suppress"], 0, 1)
     number("the fraction of steps to steer", p["until"], 1e-9, 1)
@@ -518,14 +489,13 @@ def check_t2i_zero(p: dict) -> dict:
             or not isinstance(smooth[0], int) or smooth[0] < 1 or smooth[0] % 2 == 0):
         raise StudioError(f"smooth is [kernel, sigma] with an odd kernel size >= 1 (got {smooth!r})")
     number("smoothing sigma", smooth[1], 1e-3, 100)
-    return {**p, "words": words}
+    return {**p, "words": words, "top_k": top_k}
 
 
 def correct_by_similarities(embeds: torch.Tensor, positions: list[list[int]], lengths: list[int],
                             top_k: int = 3, temperature: float = 0.1) -> torch.Tensor:
-    """T2I-Zero's correction by similarities: a concept token's embedding (row r, position c) becomes the
-    softmax(cos / temperature)-weighted mix of the top_k word tokens of its prompt most similar to it,
-    itself included, so it sheds what the causal encoder mixed into it from other concepts."""
+    """T2I-Zero's correction: a concept token's embedding becomes the softmax(cos / temperature) mix of the top_k
+    word tokens of its prompt most similar to it (itself included), shedding what the causal encoder mixed in."""
     out = embeds.clone()
     for r, (pos, n) in enumerate(zip(positions, lengths)):
         words = embeds[r, 1:n - 1].float()  # the prompt's word tokens: no SOS, EOS or padding
@@ -540,9 +510,9 @@ def correct_by_similarities(embeds: torch.Tensor, positions: list[list[int]], le
 
 def nms_bias(probs: torch.Tensor, groups: list[list[list[int]]], hw: tuple[int, int], smooth=(3, 0.5),
              suppress: float = 0.0) -> torch.Tensor:
-    """Cross-token non-maximum suppression as an additive bias (rows, N, T): per pixel, of each row's
-    concept words (groups[row] = positions per word) only the one with the largest smoothed attention
-    keeps its keys; the others get log(suppress) there. probs: (rows, N, T) head-mean attention."""
+    """Cross-token non-maximum suppression as a bias (rows, N, T): per pixel, of each row's concept words (groups
+    [row]: positions per word) only the one of largest smoothed attention (probs: head mean) keeps its keys; the
+    others get log(suppress)."""
     out = torch.zeros_like(probs, dtype=torch.float32)
     floor = math.log(suppress) if suppress > 0 else NEG
     h, w = hw

@@ -1,19 +1,13 @@
 """A learned concept as one edit: new token(s) in the vocabulary plus optional weight changes.
 
-The token is added the way diffusers' textual-inversion loader adds it (a multi-vector concept
-"<x>" becomes "<x>", "<x>_1", ... which the pipeline expands in prompts), but through the edit
-stack: a copy of the tokenizer and a grown copy of the input-embedding module are swapped in with
-`patch.set_attr`, so undo puts the original objects back and the model is bit-identical. Weight
-changes (Custom Diffusion's K/V, LoRA factors) are merged in at the edit's strength.
+The token is added as diffusers' textual-inversion loader adds it ("<x>" of several vectors becomes "<x>",
+"<x>_1", ..., which the pipeline expands in prompts), but through the edit stack: a copy of the tokenizer and
+a grown copy of the input embedding are swapped in with `patch.set_attr`, so undo is bit-identical.
 
-Params: "token" (None for a weights-only concept such as an imported LoRA), "more_tokens" (further
-tokens learned together, e.g. extracted from one image; their vectors are "embedding.1", ...),
-"modules" (the changed
-weights' pipeline names), "strength", "base_model" (base_signature of the model it was learned on,
-optional), plus how it was made. Tensors:
-- "embedding": [vectors, d] input embeddings of the token(s), fp32;
-- per changed weight `name`: "{name}.lora_A"/"{name}.lora_B" (LoRA factors; conv factors are 4-D)
-  or "{name}.delta" (a full change, as Custom Diffusion trains).
+Params: "token" (None for a weights-only concept such as an imported LoRA), "more_tokens" (learned together;
+vectors "embedding.1", ...), "modules" (the changed weights), "strength", "base_model" (optional). Tensors:
+"embedding" [vectors, d] fp32, and per changed weight "{name}.lora_A"/"{name}.lora_B" (conv factors 4-D) or
+"{name}.delta" (a full change, as Custom Diffusion trains).
 """
 from __future__ import annotations
 
@@ -25,8 +19,9 @@ import torch
 from torch import nn
 
 from ..checks import base_signature, check_base, number  # noqa: F401  (base_signature: for importers)
-from ..edits import Edit, edit_kind
+from ..edits import Edit, edit_kind, module_slot
 from ..errors import StudioError
+from .scope import check_scope, install_scoped
 
 TOKEN_PATTERN = re.compile(r"^[^\s,]{1,40}$")
 MAX_VECTORS = 16
@@ -38,12 +33,15 @@ def token_names(token: str, vectors: int) -> list[str]:
 
 
 def check_token(tokenizer, token) -> str:
-    """The token string, or a StudioError saying why it cannot name a new concept."""
+    """The token string, or a StudioError saying why it cannot name a new concept (tokenizer None: the
+    spelling only)."""
     token = str(token or "").strip()
     if not token:
         raise StudioError("the concept needs a token to call it by, e.g. <my-cat>")
     if not TOKEN_PATTERN.match(token):
         raise StudioError(f"token {token!r} must be one word of at most 40 characters, without spaces or commas")
+    if tokenizer is None:
+        return token
     if token in getattr(tokenizer, "added_tokens_encoder", {}):
         raise StudioError(f"{token!r} is already in the vocabulary (an applied concept added it): undo that concept "
                           f"or pick a new name such as <{token.strip('<>')}-1>")
@@ -52,16 +50,6 @@ def check_token(tokenizer, token) -> str:
         raise StudioError(f"{token!r} is already a word the model knows; a new token must be new, e.g. "
                           f"<{token.strip('<>')}>")
     return token
-
-
-def input_embedding_owner(text_encoder) -> tuple[nn.Module, str]:
-    """(parent module, attribute) holding the text encoder's token embedding."""
-    emb = text_encoder.get_input_embeddings()
-    for name, module in text_encoder.named_modules():
-        for attr, child in module.named_children():
-            if child is emb:
-                return module, attr
-    raise StudioError("could not find the text encoder's token embedding")
 
 
 def install_tokens(pipe, token: str, vectors: torch.Tensor, patch) -> list[int]:
@@ -80,7 +68,8 @@ def install_tokens(pipe, token: str, vectors: torch.Tensor, patch) -> list[int]:
         grown.weight[old.num_embeddings:] = old.weight.mean(0)  # ids between the old size and ours, if any
         grown.weight[ids] = vectors.to(old.weight)
     grown.requires_grad_(old.weight.requires_grad)
-    parent, attr = input_embedding_owner(pipe.text_encoder)
+    owner = next(n for n, m in pipe.text_encoder.named_modules() if m is old)
+    parent, attr, _ = module_slot(pipe, f"text_encoder.{owner}.weight")
     patch.set_attr(pipe, "tokenizer", tokenizer)
     patch.set_attr(parent, attr, grown)
     patch.set_attr(pipe.text_encoder.config, "vocab_size", len(tokenizer))
@@ -108,23 +97,18 @@ def factors(tensors: dict, name: str, shape) -> tuple | None:
     return a.flatten(1), b.flatten(1)
 
 
-def full_change(change: tuple, shape) -> torch.Tensor:
-    """The weight-shaped change of `factors`' result: the delta itself, or B·A of a LoRA."""
-    return change[0] if len(change) == 1 else (change[1].flatten(1) @ change[0].flatten(1)).reshape(shape)
-
-
 def weight_delta(tensors: dict, name: str, shape) -> torch.Tensor | None:
-    """The fp32 change of weight `name` stored in `tensors` (LoRA product or full delta), or None."""
+    """The fp32 weight-shaped change of `name` stored in `tensors` (the delta, or B·A of a LoRA), or None."""
     change = factors(tensors, name, shape)
-    return None if change is None else full_change(change, shape)
+    if change is None:
+        return None
+    return change[0] if len(change) == 1 else (change[1].flatten(1) @ change[0].flatten(1)).reshape(shape)
 
 
 def scope_of(params: dict) -> str:
     """Where a concept's UNet changes act: "prompt" (images whose prompt uses its token) or "always" (merged
     into the weights; concepts without a token, and those saved before scopes existed)."""
-    if params.get("token") is None:
-        return "always"
-    return params.get("scope", "always")
+    return "always" if params.get("token") is None else params.get("scope", "always")
 
 
 def check_strength(strength) -> float:
@@ -146,8 +130,6 @@ def with_strength(edit: Edit, strength: float | None = None, scope: str | None =
     if strength is not None:
         params["strength"] = check_strength(strength)
     if scope is not None:
-        from .scope import check_scope
-
         if params.get("token") is None and scope == "prompt":
             raise StudioError(f"{edit.title} has no token to scope it to: it acts on every prompt")
         params["scope"] = check_scope(scope)
@@ -171,15 +153,13 @@ def apply_learned_concept(pipe, params: dict, tensors: dict, patch) -> None:
         if scope_of(params) == "prompt" and name.startswith("unet."):
             scoped[name] = change
         else:
-            patch.write(name, w.float() + strength * full_change(change, w.shape).to(w.device))
+            patch.write(name, w.float() + strength * weight_delta(tensors, name, w.shape).to(w.device))
     if scoped:
-        from .scope import install_scoped
-
         install_scoped(pipe, params, tensors, scoped, strength, patch)
     if params.get("token") is not None:
         install_tokens(pipe, params["token"], embedding, patch)
-    for i, token in enumerate(params.get("more_tokens", [])):  # concepts extracted together share one edit
-        vectors = tensors.get(f"embedding.{i + 1}")
+    for i, token in enumerate(params.get("more_tokens", []), 1):  # concepts extracted together share one edit
+        vectors = tensors.get(f"embedding.{i}")
         if vectors is None or vectors.dim() != 2:
             raise StudioError(f"this concept lacks the embedding of {token}: it is damaged; extract it again")
         install_tokens(pipe, token, vectors, patch)

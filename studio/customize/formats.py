@@ -1,29 +1,15 @@
 """Learned concepts in the files other tools load, and back.
 
-Export (`export_concept`) writes, per requested format:
-- "embedding": `<name>.safetensors` holding `{"emb_params": [vectors, d]}`, the textual-inversion
-  file A1111 and ComfyUI load (A1111 calls it by the file name: `<name>` is the token without its
-  angle brackets); diffusers loads it with `pipe.load_textual_inversion(path, token="<x>")`.
-- "lora": `<name>-lora.safetensors` with kohya keys (`lora_unet_...`, `.lora_down/.lora_up/.alpha`)
-  as A1111, ComfyUI and diffusers' `pipe.load_lora_weights(path)` read them. A concept's own LoRA
-  factors go in as they are (conv factors 4-D, as kohya LoCon writes them); full deltas (Custom
-  Diffusion's K/V) are factored by lora_export's truncated SVD at `rank`, with the error reported.
-  The token is not in the LoRA: load the embedding file next to it.
-- "custom_diffusion": a folder `<name>-custom-diffusion/` laid out as diffusers' Custom Diffusion
-  training script leaves it: `pytorch_custom_diffusion_weights.safetensors` (the full trained
-  K/V weights under `<attention>.processor.to_k_custom_diffusion.weight`, ...) and the token in
-  `learned_embeds.safetensors` (`{token: vectors}`). In diffusers 0.42:
-      pipe.load_textual_inversion(folder)
-      pipe.unet.load_attn_procs(folder, weight_name="pytorch_custom_diffusion_weights.safetensors",
-                                _pipeline=pipe)
-  `_pipeline` is needed: without it 0.42 builds the processors and never installs them (diffusers
-  issue #9320). The file also holds an empty placeholder for every attention without weights,
-  because `set_attn_processor` wants a processor for every attention layer and safetensors cannot
-  store the empty dicts `save_attn_procs` puts there.
-
-Import (`import_concept`) reads those files, diffusers' `learned_embeds.safetensors`, A1111 `.pt`
-embeddings (only through `torch.load(weights_only=True)`) and kohya LoRAs (diffusers or original-SD
-block names) into one "learned_concept" Edit, checked against the model before anything touches it.
+Export (`export_concept`), per format:
+- "embedding": `<name>.safetensors` = `{"emb_params": [vectors, d]}`, the textual-inversion file of A1111 and
+  ComfyUI (they call it by the file name); diffusers: `pipe.load_textual_inversion(path, token="<x>")`.
+- "lora": `<name>-lora.safetensors` with kohya keys (A1111, ComfyUI, diffusers' `load_lora_weights`): a concept's
+  own factors as they are (conv 4-D, as kohya LoCon), full deltas by lora_export's SVD at `rank`; no token.
+- "custom_diffusion": a folder `<name>-custom-diffusion/` as diffusers' Custom Diffusion script leaves it (full
+  K/V weights in CD_WEIGHTS, the token in EMBEDS); diffusers 0.42: `pipe.load_textual_inversion(folder)` and
+  `pipe.unet.load_attn_procs(folder, weight_name=CD_WEIGHTS, _pipeline=pipe)` (`_pipeline`: diffusers #9320).
+Import (`import_concept`) reads those, diffusers' learned_embeds, A1111 `.pt` embeddings (`torch.load` with
+`weights_only` only) and kohya LoRAs into one "learned_concept" Edit, checked against the model first.
 """
 from __future__ import annotations
 
@@ -40,18 +26,18 @@ from ..edit_files import read_tensors, save_tensors
 from ..edits import Edit, find_tensor
 from ..errors import StudioError
 from ..lora_export import lora_from_changes, save_lora, skipped_text
-from .concept import MAX_VECTORS, TOKEN_PATTERN, check_strength, check_token, concept_label, weight_delta
+from .concept import MAX_VECTORS, check_strength, check_token, concept_label, weight_delta
+from .scope import check_scope
 
 FORMATS = ("embedding", "lora", "custom_diffusion")
 CD_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
 EMBEDS = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
-TENSOR_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 LYCORIS_PARTS = ("hada_", "lokr_", "lora_mid", "dora_scale", "diff", "on_input", "w_norm", "b_norm")
+KV = ("to_k.weight", "to_v.weight")
 
 
-# -- helpers ------------------------------------------------------------------------------------
 def _pipe_of(model):
     """(pipeline, manager or None) from a PipelineManager, a pipeline or None."""
     is_manager = hasattr(model, "stack") and hasattr(model, "lock")
@@ -70,10 +56,9 @@ def _base_value(model, name: str) -> torch.Tensor:
     return find_tensor(pipe, name).detach().to("cpu", copy=True)
 
 
-def file_stem(token: str | None, fallback: str = "concept") -> str:
+def file_stem(token: str | None) -> str:
     """A file name for a token: '<my-cat>' -> 'my-cat' (what A1111 calls an embedding by)."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", str(token or "").strip("<>")).strip("-.")
-    return stem or fallback
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(token or "").strip("<>")).strip("-.") or "concept"
 
 
 def _concept_parts(edit: Edit):
@@ -84,15 +69,6 @@ def _concept_parts(edit: Edit):
 
 
 # -- export -------------------------------------------------------------------------------------
-def embedding_state(edit: Edit) -> dict[str, torch.Tensor]:
-    """The A1111/ComfyUI textual-inversion file's tensors: {"emb_params": [vectors, d]}."""
-    params, tensors, token, _ = _concept_parts(edit)
-    if token is None or "embedding" not in tensors:
-        raise StudioError("this concept has no token (a weights-only concept such as an imported LoRA): "
-                          "there is no embedding to export")
-    return {"emb_params": tensors["embedding"].detach().float().cpu().contiguous()}
-
-
 def lora_state(edit: Edit, rank: int = 16, pipe=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Kohya-key LoRA tensors of the concept's weight changes at its strength, and a report: its LoRA
     factors go in as they are, full deltas are factored at `rank` (lora_export's SVD, one alpha for all)."""
@@ -113,38 +89,39 @@ def custom_diffusion_state(edit: Edit, model) -> tuple[dict[str, torch.Tensor], 
     """The concept's attention changes as diffusers' Custom Diffusion file: full weights (base + change
     at the concept's strength) per attention processor, an empty placeholder for the others."""
     params, tensors, _, strength = _concept_parts(edit)
-    pipe, _ = _pipe_of(model)
+    pipe = _pipe_of(model)[0]
     if pipe is None:
         raise StudioError("Custom Diffusion files hold full weights: export them with the model the concept "
                           "was learned on (model=manager)")
     check_base(pipe, params, fix="load that model to export its Custom Diffusion weights")
     modules = list(params.get("modules", []))
     processors = models.of(pipe).custom_diffusion_keys()
-    projections = {n for keys in processors.values() for n in keys.values()}
-    other = [n for n in modules if n not in projections]
+    other = [n for n in modules if n not in {n for keys in processors.values() for n in keys.values()}]
     if other:
         raise StudioError(f"Custom Diffusion files carry only attention projections; {len(other)} changed weights "
                           f"(e.g. {other[0]}) would be lost: export this concept as a LoRA")
     if not modules:
         raise StudioError("this concept changes no weights: export its embedding instead")
-    state, written = {}, []
-    touched = {proc: [n for n in keys.values() if n in modules] for proc, keys in processors.items()}
+    state, written, layers = {}, [], 0
     for proc, keys in processors.items():
-        if not touched[proc]:
-            state[proc] = torch.zeros(0)  # load_attn_procs: an attention with default behaviour
+        touched = [n for n in keys.values() if n in modules]
+        if not touched:
+            # set_attn_processor wants one for every attention; safetensors cannot store save_attn_procs' {}
+            state[proc] = torch.zeros(0)
             continue
+        layers += 1
         # the loader reads the shapes from to_k, so k and v go together; q and out go together too
-        q_out = any(not n.endswith(("to_k.weight", "to_v.weight")) for n in touched[proc])
+        q_out = any(not n.endswith(KV) for n in touched)
         for key, name in keys.items():
-            if q_out or name.endswith(("to_k.weight", "to_v.weight")):
+            if q_out or name.endswith(KV):
                 base = _base_value(model, name)
                 delta = weight_delta(tensors, name, base.shape) if name in modules else None
                 state[key] = base if delta is None else (base.float() + strength * delta).to(base.dtype)
                 written.append(name)
-    return state, {"modules": written, "attention_layers": sum(map(bool, touched.values()))}
+    return state, {"modules": written, "attention_layers": layers}
 
 
-def export_concept(edit: Edit, folder, formats=FORMATS, rank: int = 16, model=None, name: str | None = None) -> dict:
+def export_concept(edit: Edit, folder, formats=FORMATS, rank: int = 16, model=None) -> dict:
     """Write the concept in each of `formats` into `folder`; returns what was written, per format the
     error that stopped it, and notes. `model` (the PipelineManager or pipeline the concept belongs to)
     is needed for Custom Diffusion (full weights) and checks LoRA layer types; `rank` is the LoRA rank
@@ -158,8 +135,7 @@ def export_concept(edit: Edit, folder, formats=FORMATS, rank: int = 16, model=No
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise StudioError(f"{folder} is a file: choose a folder to export into")
-    stem = file_stem(name or token or params.get("name"))
-    pipe, _ = _pipe_of(model)
+    stem = file_stem(token or params.get("name"))
     meta = {"studio_token": token or "", "studio_vectors": len(tensors.get("embedding", ())) if token else 0,
             "studio_base_model": params.get("base_model") or "", "studio_method": params.get("method", "")}
     out = {"written": {}, "errors": {}, "notes": [], "lora": None, "custom_diffusion": None}
@@ -169,18 +145,21 @@ def export_concept(edit: Edit, folder, formats=FORMATS, rank: int = 16, model=No
     for fmt in formats:
         try:
             if fmt == "embedding":
-                path = save_tensors(embedding_state(edit), folder / f"{stem}.safetensors", {**meta, "format": "pt"})
-                out["written"]["embedding"] = [str(path)]
+                if token is None or "embedding" not in tensors:
+                    raise StudioError("this concept has no token (a weights-only concept such as an imported LoRA): "
+                                      "there is no embedding to export")
+                emb = {"emb_params": tensors["embedding"].detach().float()}
+                paths = [save_tensors(emb, folder / f"{stem}.safetensors", {**meta, "format": "pt"})]
                 notes.append(f"embedding: A1111/ComfyUI call it '{stem}' (the file name); diffusers: "
-                             f"pipe.load_textual_inversion('{path}', token='{token}')")
+                             f"pipe.load_textual_inversion('{paths[0]}', token='{token}')")
             elif fmt == "lora":
-                state, report = lora_state(edit, rank, pipe)
+                state, report = lora_state(edit, rank, _pipe_of(model)[0])
                 if not state:
                     why = skipped_text(report)
                     raise StudioError("this concept changes no weight a LoRA can carry" + (f" ({why})" if why else
                                       " (a token-only concept: export its embedding)"))
-                path = save_lora(state, report, folder / f"{stem}-lora.safetensors", rank, meta)
-                out["written"]["lora"], out["lora"] = [str(path)], report
+                paths = [save_lora(state, report, folder / f"{stem}-lora.safetensors", rank, meta)]
+                out["lora"] = report
                 if any(m["source"] == "svd" for m in report["modules"].values()):
                     notes.append(f"lora: full changes factored at rank {rank}, relative error "
                                  f"{report['error']:.3g} (largest per layer {report['max_error']:.3g})")
@@ -188,18 +167,18 @@ def export_concept(edit: Edit, folder, formats=FORMATS, rank: int = 16, model=No
                     notes.append(f"lora: {len(report['skipped'])} changes not in the LoRA: {skipped_text(report)}")
                 if token:
                     notes.append(f"lora: the token {token} is not in the LoRA; load the embedding with it")
-            elif fmt == "custom_diffusion":
+            else:
                 state, report = custom_diffusion_state(edit, model)
                 sub = folder / f"{stem}-custom-diffusion"
                 paths = [save_tensors(state, sub / CD_WEIGHTS, {"format": "pt", **meta})]
                 if token:
                     emb = tensors["embedding"].float()
-                    emb = {token: emb[0] if len(emb) == 1 else emb}
-                    paths.append(save_tensors(emb, sub / EMBEDS, {"format": "pt"}))
-                out["written"]["custom_diffusion"] = [str(p) for p in paths]
+                    paths.append(save_tensors({token: emb[0] if len(emb) == 1 else emb}, sub / EMBEDS,
+                                              {"format": "pt"}))
                 out["custom_diffusion"] = {**report, "folder": str(sub)}
                 notes.append(f"custom_diffusion: diffusers: pipe.load_textual_inversion('{sub}'); "
                              f"pipe.unet.load_attn_procs('{sub}', weight_name='{CD_WEIGHTS}', _pipeline=pipe)")
+            out["written"][fmt] = [str(p) for p in paths]
         except StudioError as exc:
             out["errors"][fmt] = str(exc)
     return out
@@ -222,7 +201,7 @@ def read_file(path) -> tuple[dict, dict]:
     suffix = path.suffix.lower()
     if path.stat().st_size == 0:
         raise StudioError(f"{path.name} is empty (0 bytes)")
-    if suffix in TENSOR_SUFFIXES:
+    if suffix == ".safetensors":
         state, meta = read_tensors(path)
     elif suffix in PICKLE_SUFFIXES:
         try:
@@ -234,8 +213,7 @@ def read_file(path) -> tuple[dict, dict]:
                               "and unpickling can run arbitrary code: Concept Studio reads only plain tensors") from None
         except (RuntimeError, OSError, EOFError, ValueError) as exc:
             raise StudioError(f"{path.name} is not a readable PyTorch file: {exc}") from None
-        if torch.is_tensor(obj):
-            obj = {"": obj}
+        obj = {"": obj} if torch.is_tensor(obj) else obj
         if not isinstance(obj, dict):
             raise StudioError(f"{path.name} holds a {type(obj).__name__}, not tensors by name")
         state, meta = _flatten(obj), {}
@@ -317,9 +295,8 @@ def _lora_from(state: dict, path: Path, pipe) -> dict[str, torch.Tensor]:
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise StudioError(f"{path.name}: {lora_name} lacks its lora_down or lora_up weight: the file is damaged")
         down, up = parts["lora_down.weight"].detach().float(), parts["lora_up.weight"].detach().float()
-        name = names[lora_name]
+        name, r = names[lora_name], len(down)
         shape = tuple(find_tensor(pipe, name).shape)
-        r = down.shape[0]
         kernel = shape[1:] if len(shape) == 4 else (shape[1], 1, 1)  # down: flat, or a conv of the layer's kernel
         if tuple(down.shape) not in ((r, math.prod(kernel)), (r, *kernel)) \
                 or tuple(up.shape) not in ((shape[0], r), (shape[0], r, 1, 1)):  # up: flat or a 1x1 conv
@@ -347,7 +324,7 @@ def exact_delta(base: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
 
 def _custom_diffusion_from(state: dict, path: Path, model) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Concept tensors ({name}.delta = trained weight - the model's) of a Custom Diffusion file."""
-    pipe, _ = _pipe_of(model)
+    pipe = _pipe_of(model)[0]
     names = {k: n for keys in models.of(pipe).custom_diffusion_keys().values() for k, n in keys.items()}
     out, notes = {}, []
     for key, value in sorted(state.items()):
@@ -372,17 +349,15 @@ def _custom_diffusion_from(state: dict, path: Path, model) -> tuple[dict[str, to
 
 
 def _expand(paths) -> list[Path]:
-    files = []
+    """The files to import: the given ones, and a folder's .safetensors/.pt/.bin files."""
+    files, suffixes = [], (".safetensors", *PICKLE_SUFFIXES)
     for p in map(Path, [paths] if isinstance(paths, (str, Path)) else list(paths or [])):
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in TENSOR_SUFFIXES + PICKLE_SUFFIXES)
-            if not found:
-                raise StudioError(f"{p} holds no .safetensors/.pt/.bin file to import")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
+        if not p.is_file() and not p.is_dir():
             raise StudioError(f"{p}: no such file or folder")
+        found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in suffixes) if p.is_dir() else [p]
+        if not found:
+            raise StudioError(f"{p} holds no .safetensors/.pt/.bin file to import")
+        files += found
     if not files:
         raise StudioError("no files to import: choose an embedding, a LoRA or a Custom Diffusion folder")
     return files
@@ -394,29 +369,22 @@ def import_concept(paths, token: str | None = None, pipe=None, strength: float =
     what the embedding file says, or its file name). `pipe` (a pipeline or PipelineManager) is needed
     for LoRA and Custom Diffusion files and checks every shape and the token against the model. `scope`:
     where the UNet changes act ("prompt": images whose prompt uses the token; without a token always)."""
-    from .scope import check_scope
-
-    scope = check_scope(scope)
-    model = pipe
-    pipe, _ = _pipe_of(model)
-    files = _expand(paths)
-    embedding, file_token, formats, notes, weights = None, None, [], [], {}
+    scope, model, files = check_scope(scope), pipe, _expand(paths)
+    pipe = _pipe_of(model)[0]
+    embeddings, formats, notes, weights = [], [], [], {}  # embeddings: (vectors, the token a file names)
     for path in files:
         state, meta = read_file(path)
-        fmt = detect_format(state)
-        formats.append(fmt)
-        if fmt == "embedding":
-            if embedding is not None:
-                raise StudioError(f"{path.name} is a second embedding: import one concept's token at a time")
-            embedding, file_token = _embedding_from(state, meta, path)
+        formats.append(detect_format(state))
+        if formats[-1] == "embedding":
+            embeddings.append(_embedding_from(state, meta, path))
             base = meta.get("studio_base_model")
             if base and pipe is not None and base != base_signature(pipe):
                 notes.append(f"{path.name} was exported from another model (signature {base})")
             continue
         if pipe is None:
-            raise StudioError(f"{path.name}: importing {fmt} weights needs the model (pipe=...) they were made for, to "
-                              "check them against its layers and turn them into changes")
-        if fmt == "custom_diffusion":
+            raise StudioError(f"{path.name}: importing {formats[-1]} weights needs the model (pipe=...) they were made "
+                              "for, to check them against its layers and turn them into changes")
+        if formats[-1] == "custom_diffusion":
             new, cd_notes = _custom_diffusion_from(state, path, model)
             notes += cd_notes
         else:  # a LoRA; A1111's may bundle their trigger's embedding: bundle_emb.<name>.<key>
@@ -424,41 +392,34 @@ def import_concept(paths, token: str | None = None, pipe=None, strength: float =
             for key in [k for k in state if k.startswith("bundle_emb.")]:
                 parts = key.split(".", 2)
                 bundled.setdefault(parts[1], {})[parts[2] if len(parts) > 2 else ""] = state.pop(key)
-            if len(bundled) > 1 or (bundled and embedding is not None):
-                raise StudioError(f"{path.name} brings another embedding: import one concept's token at a time")
-            if bundled:
-                (emb_name, emb_state), = bundled.items()
-                embedding, file_token = _embedding_from(emb_state, {}, path, default=emb_name)
-                formats.append("embedding")
+            embeddings += [_embedding_from(s, {}, path, default=name) for name, s in bundled.items()]
+            formats += ["embedding"] if bundled else []
             new = _lora_from(state, path, pipe)
         clash = {k.rsplit(".", 1)[0] for k in new} & {k.rsplit(".", 1)[0] for k in weights}
         if clash:
             raise StudioError(f"{path.name} changes {sorted(clash)[0]} again (another file already did): import "
                               "them as separate concepts")
         weights.update(new)
-    if token is not None and embedding is None:
+    if len(embeddings) > 1:
+        raise StudioError("the files bring more than one embedding: import one concept's token at a time")
+    if token is not None and not embeddings:
         raise StudioError(f"a token ({token}) was given but none of the files is an embedding")
-    if embedding is not None:
-        token = str(token or file_token or "").strip()
-        if pipe is not None:
-            family = models.of(pipe)
-            token = check_token(family.tokenizers[0], token)
-            width = family.token_tables()[0].embedding_dim
-            if embedding.shape[-1] != width:
-                raise StudioError(f"the embedding has width {embedding.shape[-1]}, this text encoder's is {width}: it "
-                                  "was made for another architecture")
-        elif not TOKEN_PATTERN.match(token):
-            raise StudioError(f"token {token!r} must be one word of at most 40 characters, without spaces or commas")
-    modules = sorted({k.rsplit(".", 1)[0] for k in weights})
+    if embeddings:
+        (embedding, file_token), = embeddings
+        family = models.of(pipe) if pipe is not None else None
+        token = check_token(family.tokenizers[0] if family else None, token or file_token)
+        width = family.token_tables()[0].embedding_dim if family else embedding.shape[-1]
+        if embedding.shape[-1] != width:
+            raise StudioError(f"the embedding has width {embedding.shape[-1]}, this text encoder's is {width}: it "
+                              "was made for another architecture")
+        weights["embedding"] = embedding
+    modules = sorted({k.rsplit(".", 1)[0] for k in weights if k != "embedding"})
     params = {"method": "imported", "token": token, "modules": modules,  # no embedding: token is None
-              "strength": check_strength(strength), "name": file_stem(token) if embedding is not None else files[0].stem,
+              "strength": check_strength(strength), "name": file_stem(token) if embeddings else files[0].stem,
               "formats": sorted(set(formats)), "files": [p.name for p in files],
-              "vectors": len(embedding) if embedding is not None else 0,
-              "scope": scope if embedding is not None else "always"}
+              "vectors": len(weights["embedding"]) if embeddings else 0, "scope": scope if embeddings else "always"}
     if "custom_diffusion" in formats:
         params["base_model"] = base_signature(pipe)  # the changes are relative to this model's weights
     if notes:
         params["notes"] = notes
-    if embedding is not None:
-        weights["embedding"] = embedding
     return Edit("learned_concept", params, weights, label=concept_label(params))

@@ -1,9 +1,7 @@
 """Training images for a concept: loaded, checked, squared and resized, with optional captions.
 
-Captions follow the kohya/A1111 convention: `cat1.png` may come with `cat1.txt`; '{}' in a caption
-marks where the token goes (without it the token is put in front). Masks (for extraction) are
-optional per image and weight the loss to the object's pixels. Pictures are opened and converted by
-studio.images (the checks and errors of every tab).
+Captions follow the kohya/A1111 convention: `cat1.png` may come with `cat1.txt`; '{}' in a caption marks where
+the token goes (else it goes in front). Masks (for extraction) are optional and weight the loss to the object.
 """
 from __future__ import annotations
 
@@ -37,14 +35,13 @@ def named(source) -> tuple[str, str | None]:
     return path.name, caption or None
 
 
-def load_images(sources, resolution: int, captions: list[str | None] | None = None,
-                minimum: int = MIN_IMAGES) -> tuple[list[TrainingImage], list[str]]:
+def load_images(sources, resolution: int, captions: list | None = None) -> tuple[list[TrainingImage], list[str]]:
     """The training images and the notes for the user (resizes, crops); bad input raises StudioError.
 
     Sidecar `.txt` files given among the sources are read as captions, not as images."""
     sources = [s for s in (sources or []) if not (isinstance(s, (str, Path)) and Path(str(s)).suffix == ".txt")]
-    if len(sources) < minimum:
-        raise StudioError(f"{len(sources)} image(s) given; teaching a concept needs at least {minimum} "
+    if len(sources) < MIN_IMAGES:
+        raise StudioError(f"{len(sources)} image(s) given; teaching a concept needs at least {MIN_IMAGES} "
                           f"(3-10 varied images work best)")
     if len(sources) > MAX_IMAGES:
         raise StudioError(f"{len(sources)} images given; at most {MAX_IMAGES} are used for one concept")
@@ -52,8 +49,7 @@ def load_images(sources, resolution: int, captions: list[str | None] | None = No
     for i, source in enumerate(sources):
         image, alpha = load_rgb(source)
         name, caption = named(source)
-        if captions and i < len(captions) and captions[i]:
-            caption = captions[i]
+        caption = (captions[i] if captions and i < len(captions) else None) or caption
         notes += [f"{name}: {alpha}"] if alpha else []
         w, h = image.size
         if min(w, h) < resolution // 2:

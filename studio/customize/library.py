@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..edits import Edit
+from ..edits import Edit, toggled
 from ..errors import StudioError
+from . import compose as methods
 from .concept import with_strength
 
 COMPOSITIONS = ("merge", "adapters")
@@ -31,11 +32,8 @@ class LearnedConcept:
 
 def concept_of(edit: Edit) -> Edit | None:
     """The learned_concept inside an entry's edit (also when it is switched off)."""
-    if edit.kind == "learned_concept":
-        return edit
-    if edit.kind == "off" and edit.params.get("kind") == "learned_concept":
-        return Edit("learned_concept", edit.params["params"], edit.tensors, edit.params.get("label", ""))
-    return None
+    edit = toggled(edit) if edit.kind == "off" else edit
+    return edit if edit.kind == "learned_concept" else None
 
 
 def learned_concepts(manager) -> list[LearnedConcept]:
@@ -71,8 +69,6 @@ def compose(manager, indices: list[int], how: str, weights: list[float] | None =
             reg_prompts: list[str] | None = None):
     """Replace concepts `indices` by one composition edit ("merge": closed-form K/V merge preserving
     `reg_prompts`' outputs; "adapters": weighted unfused peft adapters). Their entries are switched off, not deleted."""
-    from . import compose as methods
-
     if how not in COMPOSITIONS:
         raise StudioError(f"unknown composition {how!r}: choose one of {', '.join(COMPOSITIONS)}")
     indices = sorted({int(i) for i in indices})

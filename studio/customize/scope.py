@@ -1,14 +1,10 @@
-"""A learned concept that acts only where it is asked for: its UNet weight changes join the images whose
-prompt names its token (A1111's rule for a LoRA called from the prompt).
+"""A learned concept that acts only where asked: its UNet weight changes join the images whose prompt names its
+token (A1111's rule for a LoRA called from the prompt). Merged into the weights, a heart LoRA turned the toy
+model's circles into hearts; scoped, a prompt without the token gives the base model's image bit for bit.
 
-A concept merged into the weights changes every prompt: on the toy model a heart LoRA turned circles into
-hearts. Scoped, a prompt without the token gives the base model's image bit for bit.
-
-The change rides as a forward hook on each changed layer (out += gate * strength * ΔW x), a 'layer' steering
-slot, so undo restores the exact original hook tables and the weights are never touched; the hook reports
-itself to the model fingerprint. (Masking the change to the token's region of a region composition was
-tried twice and never raised the two-concept rate on the toy model: 8/16 -> 4/16 images with both shapes
-for one pair of concepts, 2/16 -> 2/16 for another; so the gate is per image.)
+The change rides as a forward hook on each changed layer (out += gate * strength * ΔW x), a 'layer' steering slot
+(undo restores the hook tables exactly). The gate is per image: masking it to the token's region of a region
+composition never raised the two-concept rate on the toy model (8/16 -> 4/16, 2/16 -> 2/16 images).
 """
 from __future__ import annotations
 

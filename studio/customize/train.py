@@ -1,18 +1,11 @@
-"""Teach the model a new concept from a few images: textual inversion, Custom Diffusion or LoRA.
+"""Teach the model a new concept from a few images. One loss; the methods differ in what is trainable:
+"ti" the token's input embedding(s) (Textual Inversion, optionally cross-initialized from the class word's
+text-encoder output), "custom_diffusion" the token plus every cross-attention's full K/V, "lora" the token plus
+training's peft LoRA on the UNet. Options: ClassDiffusion's semantic preservation, prior preservation on images
+the frozen model draws, Cut-Mix, gradient checkpointing, mixed precision on GPU, resumable saved state.
 
-One loss serves every method; they differ only in what is trainable:
-- "ti": the token's input embedding(s) (Textual Inversion), optionally cross-initialized
-  (started from the text encoder's *output* for the class word and pulled back toward it);
-- "custom_diffusion": the token plus the full K/V projections of every cross-attention;
-- "lora": the token plus training's peft LoRA on the UNet (attention, or more of it).
-Options for all: ClassDiffusion's semantic preservation (the token's caption feature kept close
-to the class word's), prior preservation on class images the frozen model draws, gradient
-checkpointing, mixed precision on GPU, periodic saved state to resume from.
-
-The model itself is never changed: the token lives in a temporary patch (undone at the end), the
-embedding is injected by a forward hook, K/V deltas by forward hooks, LoRA by a peft adapter that
-is removed afterwards. The loop is training.train; the result is a "learned_concept" Edit, not yet
-applied; a stop or an error leaves the model and the history exactly as they were.
+The model is never changed: the token lives in a temporary patch, the trained pieces are forward hooks and a
+peft adapter removed afterwards; the loop is training.train and the result a "learned_concept" Edit, not applied.
 """
 from __future__ import annotations
 
@@ -35,6 +28,7 @@ from ..generation import GenerationRequest, parse_seed
 from ..training import LORA_TARGETS, Preview, Progress, TokenHook, check_no_adapters, is_toy
 from .concept import MAX_VECTORS, check_token, concept_label, install_tokens
 from .images import TrainingImage
+from .scope import check_scope
 
 METHODS = {"ti": "Textual Inversion", "custom_diffusion": "Custom Diffusion (token + K/V)", "lora": "LoRA (peft)"}
 # published learning rates (SD-1.5 scale) and what the toy model needs (its weights are ~10x larger in effect)
@@ -50,36 +44,17 @@ def default(pipe, method: str, key: str):
     return DEFAULTS[method][("toy_" if is_toy(pipe) else "") + key]
 
 
-def expand(pipe, prompt: str) -> str:
-    """A multi-vector token spelled out as the pipeline does it ("<x>" -> "<x> <x>_1 ...")."""
-    return models.of(pipe).spelled(prompt)
-
-
 def fill(template: str, token: str) -> str:
     """A caption with the token in it: '{}' is replaced; a caption without '{}' gets the token in front."""
     return template.replace("{}", token) if "{}" in template else f"{token} {template}".strip()
-
-
-# -- trainable pieces ---------------------------------------------------------------------------
-class DeltaHooks:
-    """Full-rank trainable changes of Linear weights, as forward hooks: out += x @ delta.T."""
-
-    def __init__(self, modules: dict[str, nn.Linear]):
-        self.delta = {n: torch.zeros(m.out_features, m.in_features, device=m.weight.device, requires_grad=True)
-                      for n, m in modules.items()}
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
-
-    def _hook(self, name):
-        def hook(module, args, out):
-            return out + (args[0].float() @ self.delta[name].t()).to(out.dtype)
-        return hook
 
 
 def kv_modules(unet) -> dict[str, nn.Linear]:
     """Custom Diffusion's trainable weights: K and V of every cross-attention, by pipeline name."""
     return {f"unet.{n}.weight": m for n, m in unet.named_modules()
             if isinstance(m, nn.Linear) and n.split(".")[-2:-1] == ["attn2"] and n.endswith(("to_k", "to_v"))}
-# -- the loss -----------------------------------------------------------------------------------
+
+
 def train_concept(manager, images: list[TrainingImage], token: str, *, method: str = "lora", class_word: str = "",
                   steps: int | None = None, lr: float | None = None, token_lr: float | None = None, batch: int = 4,
                   rank: int = 4, lora_targets: str = "attention", vectors: int = 1, cross_init: bool = True,
@@ -91,17 +66,11 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
                   save_every: int = 100, resume: bool = False, scope: str = "prompt", cut_mix: float = 0.0) -> Edit:
     """Train `token` on `images` (see images.load_images) and return a "learned_concept" Edit.
 
-    Captions: an image's own caption (with '{}' where the token goes) or, without one, a random
-    template of `templates`. `progress(step, steps)` after every step; `preview(step, images)`
-    every `preview_every` steps with one image per preview prompt (default "a {token}").
-    With `save_dir`, the trainable state is saved there every `save_every` steps and at a stop;
-    `resume=True` continues from the state saved there (same settings required). `scope`: where the
-    concept's UNet changes act once applied ("prompt": images whose prompt uses the token; "always").
-    `cut_mix` (0: off): the fraction of training pictures that are Cut-Mix composites of a concept image
-    and a prior image (see `composites`; needs prior prompts or a class word).
+    Captions: an image's own (with '{}' where the token goes), else a random one of `templates`. Previews
+    every `preview_every` steps, one image per preview prompt (default "a {token}"). With `save_dir` the state
+    is saved every `save_every` steps and at a stop; `resume=True` continues it (same settings). `scope`: where
+    the UNet changes act once applied. `cut_mix`: the share of Cut-Mix pictures (see `composites`).
     """
-    from .scope import check_scope
-
     scope = check_scope(scope)
     if method not in METHODS:
         raise StudioError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -160,10 +129,12 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
         token_hook = TokenHook(family.text_encoders[0].get_input_embeddings(), ids, init)
         cleanup.callback(token_hook.handle.remove)
         trainables = {"embedding": token_hook.vectors}
-        if method == "custom_diffusion":
-            deltas = DeltaHooks(kv_modules(unet))
-            cleanup.callback(lambda: [h.remove() for h in deltas.handles])
-            trainables.update({f"{n}.delta": d for n, d in deltas.delta.items()})
+        if method == "custom_diffusion":  # full-rank K/V changes as forward hooks: out += x @ delta.T
+            for n, m in kv_modules(unet).items():
+                delta = torch.zeros(m.out_features, m.in_features, device=m.weight.device, requires_grad=True)
+                hook = lambda _m, args, out, d=delta: out + (args[0].float() @ d.t()).to(out.dtype)  # noqa: E731
+                cleanup.callback(m.register_forward_hook(hook).remove)
+                trainables[f"{n}.delta"] = delta
         elif method == "lora":
             trainables.update(cleanup.enter_context(training.lora(unet, rank, lora_targets, seed)))
         if gradient_checkpointing and unet._supports_gradient_checkpointing:
@@ -254,11 +225,10 @@ def semantic_loss(pipe, token: str, class_word: str, texts: list[str]) -> torch.
 @torch.no_grad()
 def composites(pipe, images: list[TrainingImage], prior: torch.Tensor, prior_texts: list[str], count: int,
                gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """`count` Cut-Mix pictures (SVDiff's augmentation, with the frozen model's own prior images as the
-    partner): a concept image and a prior image, each shrunk to half the frame, side by side or one above
-    the other on the concept image's background, captioned "<concept caption> and <prior prompt>" in
-    either order. A concept learned only alone is lost in a two-object prompt (on the toy model a
-    learned heart never appeared in "a <heart> and a blue square"); these teach it to share the frame."""
+    """`count` Cut-Mix pictures (SVDiff's augmentation, the frozen model's prior images as partners): a concept
+    and a prior image at half size, side by side or stacked on the concept's background, captioned "<concept
+    caption> and <prior prompt>" in either order. A concept learned only alone is lost in a two-object prompt
+    (on the toy model a learned heart never appeared in "a <heart> and a blue square")."""
     partners = models.of(pipe).decode_latents(prior).clamp(-1, 1)
     res = images[0].tensor.shape[-1]
     side = res // 2
@@ -288,6 +258,7 @@ def prior_latents(manager, prompts: list[str], count: int, seed: int) -> tuple[t
     family = models.of(manager.pipe)
     texts = [prompts[i % len(prompts)] for i in range(count)]
     gen = torch.Generator("cpu").manual_seed(seed + 1)
-    out = [family.denoise(family.encode(texts[i:i + 8]), steps=20, generator=gen, output="latent")
+    stop = lambda _pipe, _i, _t, kwargs: manager.check_stop() or kwargs  # noqa: E731  Stop works while they are drawn
+    out = [family.denoise(family.encode(texts[i:i + 8]), steps=20, generator=gen, output="latent", on_step=stop)
            for i in range(0, count, 8)]
     return torch.cat(out).float().cpu(), texts

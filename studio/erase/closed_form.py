@@ -1,12 +1,10 @@
 """Closed-form cross-attention erasure (UCE), with RECE hardening rounds and RealEra neighbour mining.
 
 For every cross-attention K/V layer W, UCE solves
-    W' = (λW + s_e Σ (W g_i) e_iᵀ + s_p Σ (W p_j) p_jᵀ)(λI + s_e Σ e_i e_iᵀ + s_p Σ p_j p_jᵀ)⁻¹.
-The left factor is W·M with M = λI + s_e GᵀE + s_p PᵀP, so W' = W·(M B⁻¹) for one d×d matrix
-T = M B⁻¹ shared by all layers: a single solve, then one matmul per layer. RECE then finds the
-embedding that still regenerates the concept in the edited layers and erases it too; RealEra adds
-random neighbours of the concept's vectors to the erase set and further-out samples to the preserve set.
-All of it is one edit on the stack, recomputable from its parameters on any model of the same architecture.
+    W' = (λW + s_e Σ (W g_i) e_iᵀ + s_p Σ (W p_j) p_jᵀ)(λI + s_e Σ e_i e_iᵀ + s_p Σ p_j p_jᵀ)⁻¹ = W·T,
+T = (λI + s_e GᵀE + s_p PᵀP) B⁻¹ one d×d matrix shared by all layers: a single solve, one matmul per layer.
+RECE then erases the embedding that still regenerates the concept in the edited layers; RealEra adds random
+neighbours of the concept's vectors to the erase set and further-out samples to the preserve set.
 """
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ import torch
 
 from .. import models
 from ..edits import Edit, edit_kind
-from ..checks import known
+from ..checks import known, number, whole
 from ..errors import StudioError
 from .text import concept_rows, templates_for
 
@@ -50,17 +48,13 @@ def check_params(params: dict) -> dict:
     if clash:
         raise StudioError(f"{', '.join(clash)} is both erased and preserved: remove it from one of the lists")
     for key in ("lam", "erase_scale", "preserve_scale", "rece_lambda"):
-        v = p[key]
-        if not isinstance(v, (int, float)) or not v >= 0 or v > 1e6:
-            raise StudioError(f"{key} must be a finite number ≥ 0 (got {v!r})")
+        p[key] = number(key, p[key], 0, 1e6)
     if p["lam"] <= 0 and not preserve:
         raise StudioError("λ must be > 0 when nothing is preserved (the system would be singular)")
     if p["layers"] not in LAYER_SUFFIXES:
         raise StudioError(f"layers must be one of {', '.join(LAYER_SUFFIXES)} (got {p['layers']!r})")
-    if not (isinstance(p["rece_rounds"], int) and 0 <= p["rece_rounds"] <= 5):
-        raise StudioError("RECE rounds must be an integer from 0 to 5")
-    if not (isinstance(p["neighbours"], int) and 0 <= p["neighbours"] <= 64):
-        raise StudioError("neighbour samples per vector must be an integer from 0 to 64")
+    p["rece_rounds"] = whole("RECE rounds", p["rece_rounds"], 0, 5)
+    p["neighbours"] = whole("neighbour samples per vector", p["neighbours"], 0, 64)
     for key in ("neighbour_band", "beyond_band"):
         lo, hi = p[key]
         if not -1 <= lo <= hi <= 1:

@@ -1,49 +1,26 @@
-"""Fine-tuned erasure (ESD) trained as a LoRA adapter, applied to the model as one exact edit.
+"""Fine-tuned erasure (ESD, Gandikota et al.) trained as a LoRA adapter, applied as one exact edit.
 
-ESD (Gandikota et al., "Erasing Concepts from Diffusion Models") fine-tunes the UNet so that its
-noise prediction for the concept prompt `c` points away from the concept:
+The adapted UNet's noise prediction for the concept prompt c is regressed onto
+    eps*(x_t, c, t) - eta * (eps*(x_t, c, t) - eps*(x_t, n, t))
+with eps* the frozen model (the adapter switched off) and x_t on its DDIM trajectories for c (guidance 3).
+n is the empty prompt for the bare concept (ESD as published; eta here is the paper's eta + 1) and the
+prompt without the concept for the context prompts (`concept_prompts`: "a red star" -> "a star"), so the
+adapter learns "no red", not "no red star": on the toy model an adapter trained on the bare word does not
+reach "a red circle", one trained on a few red star/triangle captions does (and crimson/scarlet).
 
-    eps_theta(x_t, c, t)  ->  eps*(x_t, c, t) - eta * (eps*(x_t, c, t) - eps*(x_t, n, t))
-
-with eps* the frozen model, `n` the empty prompt, and x_t taken from DDIM-sampling the frozen model
-with `c` (guidance 3) part of the way. This is the form in METHODS.md; the paper writes the target
-from eps*(x_t, "", t), so eta here is the paper's eta + 1 (eta=2 here is the paper's eta=1).
-
-Context prompts (`concept_prompts`, e.g. "a red star" for "red") widen the erasure beyond the bare
-word, as the closed-form edits' templates do; for them `n` is the prompt with the concept removed
-("a star"), so the adapter learns "no red", not "no red star". On the toy model this matters: its
-text encoder only ever saw captions, and an adapter trained on the bare word "red" does not reach
-"a red circle"; trained on a few red star/triangle captions it erases red from circles and squares
-(and the synonyms crimson/scarlet) while blue, green, yellow and purple stay.
-
-x_t: ESD samples a fresh partial trajectory every step (`trajectories=0`), which costs on average
-sample_steps/2 guided UNet calls per step. By default `trajectories` (16) full DDIM trajectories of
-the frozen model are sampled once, in batches, and every step trains on random points of them:
-x_t from the same distribution (from fewer noises) for a fraction of the time: the frozen model
-never changes during training.
-
-Instead of the weights, a low-rank adapter (rank 1-4) is trained, as SPM does: ESD-x on the
-cross-attention projections (attn2 to_q/to_k/to_v/to_out.0), ESD-x-kv on its keys and values only
-(they read only the text, so other prompts are touched least), ESD-u on everything else in the
-transformer blocks (attn1 and feed-forward linears). It is training's peft LoRA on exactly those
-layers (A = randn / sqrt(in) from the run's seed, B = 0), switched off for the frozen model, and
-returned as an "esd_lora" Edit: applying it merges `W + strength * B @ A` into each weight.
+By default `trajectories` (16) trajectories are sampled once and every step trains on random points of
+them (the frozen model never changes); trajectories=0 samples a fresh partial one every step, as published.
+The adapter is training's peft LoRA (A = randn / sqrt(in) from the run's seed, B = 0) on the ESD-x, ESD-x-kv
+or ESD-u layers, returned as an "esd_lora" Edit whose apply merges W + strength * B @ A:
 
     edit = train_esd(manager, "red", concept_prompts=["a red star", "a red triangle"])
-    manager.apply(edit)                          # one entry in the history
     manager.apply(with_strength(edit, 0.5))      # the same adapter at half strength
 
-Learning rate (`lr=None` takes suggested_lr: TOY_LR for toy-size models, SD_LR otherwise). The
-published 5e-5 is for full-weight ESD; a zero-initialised LoRA barely moves at it. Measured on the
-toy model (CPU, 8 red star/triangle captions as concept_prompts, presence by the oracle on the
-held-out "a red circle"/"a red square", 4 seeds x 10 steps): with the defaults and lr 1e-2, red
-went from 100% to 6%, crimson/scarlet from 100% to 0%, while blue, green, yellow, purple and
-orange stayed at 100%; at 3e-3 or 1e-3 the adapter fits the trained prompts (residual 0.1-0.3)
-yet red stays at 70-100% on the unseen ones. So `residual` (the ESD loss over its untrained value,
-last 10% of steps, in the edit's params with `residual_curve`) says whether the trained prompts
-are fitted, not whether the erasure generalises: judge by the previews and the oracle. Training at
-1e-2 is noisy (a 60-step, 10-sampling-step run erased nothing where 40- and 200-step runs did).
-SD_LR (5e-4) is a usual LoRA rate for SD-scale models, not measured here.
+Learning rate: the published 5e-5 is for full weights; a zero-initialised LoRA barely moves at it. Measured
+on the toy model (8 red star/triangle captions, oracle on the held-out red circle/square, 4 seeds x 10 steps),
+lr 1e-2 took red from 100% to 6% and crimson/scarlet to 0% while the other colours stayed at 100%; at 1e-3 the
+trained prompts fit (`residual`, the loss over its untrained value, 0.1-0.3) yet unseen red stayed at 70-100%.
+So judge by the previews and the oracle, not by `residual`. SD_LR is a usual LoRA rate, not measured here.
 """
 from __future__ import annotations
 
@@ -75,35 +52,19 @@ TOY_LR = 1e-2  # LoRA on the bundled toy model (measured, see the module notes)
 SD_LR = 5e-4  # LoRA on SD-scale models: a usual LoRA rate, not measured here (no SD weights offline)
 MAX_RANK = 4
 MAX_STEPS = 5000
-DEFAULT_PREVIEW_EVERY = 50
-DEFAULT_TRAJECTORIES = 16
-PREVIEW_GUIDANCE = 7.5
 
-# -- which modules ----------------------------------------------------------------------------
+LAYERS = {"esd-x": r"\.attn2\.(to_[qkv]|to_out\.0)$", "esd-x-kv": r"\.attn2\.to_[kv]$", "esd-u": r"\.(attn1|ff)\."}
+
+
 def target_modules(unet: nn.Module, method: str) -> dict[str, nn.Linear]:
-    """The nn.Linear modules of `unet` that `method` trains, by their weight's pipeline name."""
-    out = {}
-    for name, module in unet.named_modules():
-        if not isinstance(module, nn.Linear) or ".transformer_blocks." not in f".{name}":
-            continue
-        parts = name.split(".")
-        cross = "attn2" in parts
-        if method == "esd-x":
-            keep = cross and (parts[-1] in ("to_q", "to_k", "to_v") or parts[-2:] == ["to_out", "0"])
-        elif method == "esd-x-kv":
-            keep = cross and parts[-1] in ("to_k", "to_v")
-        else:  # esd-u
-            keep = not cross and ("attn1" in parts or "ff" in parts)
-        if keep:
-            out[f"unet.{name}.weight"] = module
-    return out
+    """The nn.Linear modules of `unet`'s transformer blocks that `method` trains, by their weight's pipeline name."""
+    return {f"unet.{n}.weight": m for n, m in unet.named_modules() if isinstance(m, nn.Linear)
+            and ".transformer_blocks." in f".{n}" and re.search(LAYERS[method], n)}
 
 
-# -- sampling with the frozen model ------------------------------------------------------------
 def _noise(family, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """Starting latents drawn on the CPU from the run's generator (the same draws as before the pipeline loop)."""
-    size = family.default_size
-    x = torch.randn(batch, *family.latent_shape(size, size), generator=generator)
+    """Starting latents drawn on the CPU from the run's generator."""
+    x = torch.randn(batch, *family.latent_shape(family.default_size, family.default_size), generator=generator)
     return x.to(family.denoiser.device, family.denoiser.dtype)
 
 
@@ -125,36 +86,19 @@ def _trajectory(family, ddim, noise, cond, guidance: float, tick) -> torch.Tenso
 def neutral_prompt(prompt: str, concept: str) -> str:
     """`prompt` without the concept ("a red star" -> "a star"): the reference ESD steers away toward.
 
-    For the bare concept this is the empty prompt, which is ESD as published; for a context prompt
-    it keeps the context, so "a red star" teaches "no red" rather than "no red star". A prompt that
-    does not contain the concept word (a paraphrase) is steered toward the empty prompt."""
+    The bare concept, or a prompt without the concept word (a paraphrase), gives the empty prompt."""
     rx = re.compile(rf"(?<!\w){re.escape(concept)}(?!\w)", re.IGNORECASE)
     if prompt.strip().lower() == concept.lower() or not rx.search(prompt):
         return ""
     out = " ".join(rx.sub(" ", prompt).split())
-    out = re.sub(r"\b([Aa])n?\s+(?=(\w))", lambda m: m.group(1) + ("n " if m.group(2).lower() in "aeiou" else " "), out)
-    return out
+    article = lambda m: m.group(1) + ("n " if m.group(2).lower() in "aeiou" else " ")  # noqa: E731
+    return re.sub(r"\b([Aa])n?\s+(?=(\w))", article, out)
 
 
-# -- validation ---------------------------------------------------------------------------------
 def _prompt_list(prompts) -> list[str]:
-    """A list of prompts from a list or from text with one prompt a line (a UI textbox)."""
-    if isinstance(prompts, str):
-        prompts = prompts.splitlines()
-    out = []
-    for p in prompts or []:
-        p = str(p).strip()
-        if p and p not in out:
-            out.append(p)
-    return out
-
-
-def _check_method(method) -> str:
-    m = str(method or "").strip().lower()
-    if m not in METHODS:
-        raise StudioError(f"unknown ESD method {method!r}; choose one of: "
-                          + "; ".join(f"{k} ({v})" for k, v in METHODS.items()))
-    return m
+    """Prompts from a list or from text with one prompt a line (a UI textbox), stripped, without repeats."""
+    lines = prompts.splitlines() if isinstance(prompts, str) else prompts or []
+    return list(dict.fromkeys(p for p in (str(p).strip() for p in lines) if p))
 
 
 def suggested_lr(pipe) -> float:
@@ -167,34 +111,28 @@ def esd_label(concept: str, method: str, rank: int, strength: float = 1.0) -> st
     return label if strength == 1.0 else f"{label} x{strength:g}"
 
 
-# -- training -----------------------------------------------------------------------------------
 def train_esd(manager, concept: str, *, method: str = "esd-x", rank: int = 2, steps: int = 200,
               lr: float | None = None, eta: float = 2.0, anchor_weight: float = 0.0,
               anchor_prompts: list[str] | None = None, seed=0, progress: Progress | None = None,
-              preview: Preview | None = None, preview_every: int = DEFAULT_PREVIEW_EVERY,
+              preview: Preview | None = None, preview_every: int = 50,
               preview_seeds: int = 2, sample_steps: int = 50, guidance: float = 3.0, batch: int = 1,
-              trajectories: int | None = DEFAULT_TRAJECTORIES, concept_prompts: list[str] | None = None) -> Edit:
+              trajectories: int | None = 16, concept_prompts: list[str] | None = None) -> Edit:
     """Train an ESD erasure of `concept` as a LoRA and return it as an "esd_lora" Edit (not applied).
 
-    Each step takes x_t on the frozen model's DDIM trajectories (guidance `guidance`, `sample_steps`
-    steps) for the concept prompt or one of `concept_prompts`, and regresses the adapted model's
-    prediction for that prompt onto eps*(c) - eta * (eps*(c) - eps*(neutral)), `batch` points at a
-    time, with Adam at `lr` (None: suggested_lr, by model size). `trajectories` > 0 samples that many trajectories once up front;
-    0 samples a fresh partial one every step (as published; slower). With `anchor_weight` > 0 the
-    adapted model's predictions for `anchor_prompts` (default: random-token prompts, fresh each
-    step) are also pulled toward the frozen model's on the same x_t, limiting collateral damage.
-
-    `progress(done, total)` is called after every batched sampling step of the trajectories and
-    every training step (total = their sum), `preview(step, images)` every `preview_every` training
-    steps (and at the end) with `preview_seeds` images from the adapted model (image i shows
-    prompt i of [concept, *concept_prompts]). The whole run holds the manager's job lock; a stop
-    request raises JobStopped and, since the adapter is removed whatever happens, leaves the model
-    exactly as it was. Bad settings raise StudioError before anything runs.
-    """
+    Each step regresses `batch` points of x_t (DDIM, `sample_steps` steps, guidance `guidance`) for the
+    concept or one of `concept_prompts` with Adam at `lr` (None: suggested_lr). With `anchor_weight` > 0 the
+    predictions for `anchor_prompts` (default: random-token prompts, fresh each step) are also pulled toward
+    the frozen model's. `progress(done, total)` counts the batched trajectory steps, then the training steps;
+    `preview(step, images)` every `preview_every` steps and at the end shows image i for prompt i of
+    [concept, *concept_prompts]. The run holds the job lock; a stop raises JobStopped and leaves the model
+    as it was (the adapter is always removed). Bad settings raise StudioError before anything runs."""
     concept = str(concept or "").strip()
     if not concept:
         raise StudioError("the concept to erase is empty: type the word or phrase to erase (e.g. 'red')")
-    method = _check_method(method)
+    if str(method or "").strip().lower() not in METHODS:
+        raise StudioError(f"unknown ESD method {method!r}; choose one of: "
+                          + "; ".join(f"{k} ({v})" for k, v in METHODS.items()))
+    method = method.strip().lower()
     rank = whole("LoRA rank", rank, 1, MAX_RANK)
     steps = whole("training steps", steps, 1, MAX_STEPS)
     lr = None if lr is None else number("learning rate", lr, 0.0, 1.0, lo_open=True)
@@ -229,8 +167,7 @@ def train_esd(manager, concept: str, *, method: str = "esd-x", rank: int = 2, st
         fixed_anchors = encode(pipe, anchors) if anchors else None
         preview_noise = _noise(family, preview_seeds, torch.Generator("cpu").manual_seed(seed))
         names = [n.removeprefix("unet.").removesuffix(".weight") for n in modules]
-        # progress counts the batched sampling steps of the trajectories, then the training steps
-        sampling = math.ceil(trajectories / 8) * sample_steps
+        sampling = math.ceil(trajectories / 8) * sample_steps  # the batched sampling steps of the trajectories
         total, ticks = sampling + steps, [0]
 
         def tick():
@@ -265,15 +202,14 @@ def train_esd(manager, concept: str, *, method: str = "esd-x", rank: int = 2, st
                     anchor = [fixed_anchors[torch.randint(0, len(fixed_anchors), (batch,), generator=gen)]
                               if fixed_anchors is not None else _random_prompt_embeddings(family, batch, gen)]
                 frozen = eps(x, t, [prompt_embeds[pi], neutral_embeds[pi], *anchor])
-                e_c, e_0 = frozen[0], frozen[1]
-                target = e_c - eta * (e_c - e_0)
+                target = frozen[0] - eta * (frozen[0] - frozen[1])
             pred = eps(x, t, [prompt_embeds[pi], *anchor])
             erase_loss = nn.functional.mse_loss(pred[0], target)
-            ratios.append(float(erase_loss.detach() / nn.functional.mse_loss(e_c, target).clamp_min(1e-12)))
+            ratios.append(float(erase_loss.detach() / nn.functional.mse_loss(frozen[0], target).clamp_min(1e-12)))
             return erase_loss + (anchor_weight * nn.functional.mse_loss(pred[1], frozen[2]) if anchor else 0)
 
         def draw():
-            return family.denoise(preview_cond, steps=sample_steps, guidance=PREVIEW_GUIDANCE, scheduler=ddim,
+            return family.denoise(preview_cond, steps=sample_steps, guidance=7.5, scheduler=ddim,
                                   latents=preview_noise.clone(), on_step=check)
 
         with training.frozen(pipe, train_mode=False), training.lora(unet, rank, names, seed, init=init) as factors:
@@ -315,7 +251,6 @@ def _random_prompt_embeddings(family, batch: int, gen: torch.Generator) -> torch
         return family.encode([], ids=torch.tensor(rows, device=family.text_encoders[0].device)).embeds.float()
 
 
-# -- the edit -----------------------------------------------------------------------------------
 def with_strength(edit: Edit, strength: float) -> Edit:
     """The same adapter at another strength (a new Edit sharing the tensors)."""
     if edit.kind != "esd_lora":

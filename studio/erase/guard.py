@@ -1,15 +1,11 @@
 """Inference-time guard (SAFREE-like): project prompt tokens off a concept subspace. No weight changes.
 
-For each concept, its direction is the mean of (concept vector − neutral vector) over templates,
-and its subspace the top singular directions of those differences. At generation time a prompt
-token "triggers" when its score along a concept's direction exceeds `threshold` × the score of the
-concept word itself; from the first trigger on (CLIP's causal encoder spreads the concept into every
-later token) the tokens' components in the subspace are replaced by the neutral ones. The guard is
-a 'condition' steering slot installed through the edit stack, so it toggles instantly and undoes
-exactly, but anyone holding the weights can bypass it: the UI says so.
-
-SAFREE finds triggers by masking each token; a direct score is one matrix product and, measured on
-the toy model, separates red/crimson/scarlet (9.2–9.5) from orange (6.3) and the other colours (≤ 4.2).
+A concept's direction is the mean of (concept vector - neutral vector) over templates, its subspace the top
+singular directions of those differences. A token triggers when its score along a direction exceeds
+`threshold` x the concept word's own score (a direct score, where SAFREE masks each token; on the toy model it
+separates red/crimson/scarlet, 9.2-9.5, from orange, 6.3, and the other colours, <= 4.2); from the first
+trigger on (CLIP's causal encoder spreads the concept) the subspace part is replaced by the neutral one.
+It is a 'condition' steering slot: it toggles and undoes exactly, but anyone with the weights can bypass it.
 """
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
 """How well an erasure worked: before/after images on fixed seeds and, on the toy world, measured scores.
 
-Efficacy: the erased concept's presence on prompts that ask for it. Generality: presence under its
-synonyms and paraphrased prompts. Specificity: neighbours of the same kind still appear. Robustness:
-presence when the prompt's embedding is replaced by RECE's attack embedding, the input on which the
-edited K/V layers best reproduce the original ones. Before is the model one edit earlier.
+Efficacy: the concept's presence on prompts that ask for it; generality: under synonyms and paraphrases;
+specificity: neighbours still appear; robustness: presence under RECE's attack embedding. Before is the
+model one edit earlier.
 """
 from __future__ import annotations
 
@@ -102,11 +101,10 @@ def erasure_report(manager, erased: list[str], index: int | None = None, seeds: 
             for phase, position in (("before", index - 1), ("after", index)):
                 stack.goto(position)
                 for i, probe in enumerate(items):
-                    embeds = None
-                    if probe.attack:
-                        embeds = attack_embedding(manager, probe.prompt, entry) if phase == "after" else None
-                        if phase == "after" and embeds is None:
-                            continue
+                    attacked = probe.attack and phase == "after"
+                    embeds = attack_embedding(manager, probe.prompt, entry) if attacked else None
+                    if attacked and embeds is None:
+                        continue
                     r = manager.generate(GenerationRequest(probe.prompt, seed=0, batch=seeds, steps=steps),
                                          prompt_embeds=embeds)
                     results[phase, i] = r.images

@@ -1,8 +1,7 @@
 """Text-encoder vectors of concepts in prompt templates: what the closed-form edits and the guard act on.
 
-Cross-attention K/V layers only ever see text-encoder outputs, so erasing a concept means
-changing what those layers make of the vectors that carry it. With CLIP's causal encoder the
-concept's own tokens and every position after them carry it; `concept_rows` returns either.
+K/V layers only see text-encoder outputs; with CLIP's causal encoder the concept's own tokens and every
+position after them carry it, and `concept_rows` returns either.
 """
 from __future__ import annotations
 

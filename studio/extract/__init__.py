@@ -1,6 +1,2 @@
-"""Extraction: pull several concepts out of one image.
-
-localize: masks found from the model's own self-attention (no input), image preparation and mask
-checks; sam: masks from clicks or automatically through Segment Anything (needs a checkpoint);
-break_a_scene: one token per mask.
-"""
+"""Extraction: pull several concepts out of one image. Masks from the model's own attention (localize),
+or from clicks through Segment Anything (sam); then one token per mask (break_a_scene)."""

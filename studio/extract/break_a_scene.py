@@ -1,17 +1,10 @@
 """Break-A-Scene: learn one token per masked object of a single image.
 
-Phase 1 trains only the tokens (high learning rate), phase 2 the tokens and a LoRA on the UNet
-(the published method tunes the whole UNet; a LoRA fits small GPUs). Every step samples a random
-subset of the concepts ("union sampling"), captions it "a <a> and a <b>", and uses
-- the diffusion loss only inside the union of the sampled concepts' masks (by default also over the
-  pixels no mask claims, so that "a <a>" alone learns an empty background instead of leaving it to
-  the prior, which on the toy model added stray objects), and
-- optionally ("isolate", our addition for single-image overfitting) each subset is shown its own
-  picture, the other objects painted over with the background, and the loss covers all of it;
-- a cross-attention loss pulling each sampled token's attention map (mean over heads and layers at
-  16x16, or the finest resolution below that, divided by its peak) toward its mask (weight 1e-2).
-The result is one "learned_concept" edit holding every token (params "token" + "more_tokens").
-Training leaves the model untouched; stop or error leaves model and history as they were.
+Phase 1 trains the tokens, phase 2 the tokens and a LoRA (the published method tunes the whole UNet).
+Each step captions a random subset of the concepts "a <a> and a <b>" ("union sampling"), with the
+diffusion loss inside their masks (and where no mask is: "a <a>" alone learns a plain background), or
+with `isolate` (ours) on a picture of just them, and a cross-attention loss pulling each token's map to
+its mask. The result is one "learned_concept" edit holding every token ("token" + "more_tokens").
 """
 from __future__ import annotations
 
@@ -40,13 +33,9 @@ DEFAULTS = dict(steps_tokens=400, steps_joint=400, lr_tokens=5e-4, lr_joint=1e-4
                 toy_attention_weight=0.1)
 
 
-def caption(tokens: list[str]) -> str:
-    return "a " + " and a ".join(tokens)
-
-
 class AttentionMaps:
-    """A steering 'attention' slot that keeps, with gradients, the attention probabilities (mean over heads,
-    (B, N, 77)) of every cross-attention layer at one resolution, for the attention loss."""
+    """A steering 'attention' slot keeping, with gradients, the cross-attention probabilities (mean over
+    heads, (B, N, 77)) of every layer at one resolution, for the attention loss."""
 
     def __init__(self, resolution: int):
         self.resolution, self.maps = resolution, []
@@ -68,9 +57,8 @@ class AttentionMaps:
 
 
 def attention_loss(probs: torch.Tensor, positions: list[list[torch.Tensor]], masks: list[torch.Tensor]):
-    """Break-A-Scene's cross-attention loss: per image b and sampled concept j, the MSE between the
-    concept's token map (probs[b, :, its positions], averaged, divided by its peak) and its mask.
-    probs: (B, h*w, tokens); positions[b][j]: token positions; masks[b][j]: (h, w)."""
+    """Mean over images b of the MSE of each sampled concept's token map (probs (B, h*w, tokens) at its
+    positions[b][j], over its peak) and its mask masks[b][j] (h, w)."""
     total = probs.new_zeros(())
     side = int(round(probs.shape[1] ** 0.5))
     for b, (pos_b, masks_b) in enumerate(zip(positions, masks)):
@@ -89,16 +77,13 @@ def mask_tensor(mask, size: int) -> torch.Tensor:
 
 
 def isolated(image: TrainingImage, masks: list, keep: tuple[int, ...]) -> TrainingImage:
-    """The image with every object not in `keep` painted over by the background's median colour (right
-    for plain backgrounds; on photos a rough cut-out)."""
+    """The image with the objects not in `keep` painted over by the background's median colour."""
     size = image.tensor.shape[-1]
     full = torch.stack([mask_tensor(m, size) > 0.5 for m in masks])
-    claimed = full.any(0)
-    pixels = image.tensor[:, ~claimed] if (~claimed).any() else image.tensor.reshape(3, -1)
+    free = ~full.any(0)
+    pixels = image.tensor[:, free] if free.any() else image.tensor.reshape(3, -1)
     out = image.tensor.clone()
-    drop = full[[j for j in range(len(masks)) if j not in keep]].any(0) if len(keep) < len(masks) else None
-    if drop is not None:
-        out[:, drop] = pixels.median(dim=1).values[:, None]
+    out[:, full[[j for j in range(len(masks)) if j not in keep]].any(0)] = pixels.median(dim=1).values[:, None]
     return TrainingImage(out, image.caption, image.name)
 
 
@@ -108,9 +93,7 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
                      attention_weight: float | None = None, background: bool = True, isolate: bool = True,
                      batch: int = 2, seed=0, progress=None, preview=None, preview_every: int = 100) -> Edit:
     """Learn `tokens[i]` for the object under `masks[i]` of `image`; returns the edit (not applied).
-
-    `progress(step, total)` every step; `preview(step, images)` every `preview_every` steps with one
-    image per token ("a <token>")."""
+    `preview(step, images)` every `preview_every` steps shows "a <token>" for each token."""
     pipe = manager.pipe
     toy = is_toy(pipe)
     tokens = [str(t or "").strip() for t in tokens]
@@ -121,14 +104,14 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
     for t in tokens:
         check_token(pipe.tokenizer, t)
     check_no_adapters(pipe.unet)
-    def get(key, v, lo, hi):
-        d = DEFAULTS.get(f"toy_{key}", DEFAULTS[key]) if toy else DEFAULTS[key]
-        return number(key.replace("_", " "), d if v in (None, "") else v, lo, hi)
+    defaults = {k: DEFAULTS.get(f"toy_{k}", v) if toy else v for k, v in DEFAULTS.items()}
+    get = lambda key, v: defaults[key] if v in (None, "") else v  # noqa: E731
 
-    steps_tokens = whole("token steps", get("steps_tokens", steps_tokens, 0, 20000), 0, 20000)
-    steps_joint = whole("joint steps", get("steps_joint", steps_joint, 0, 20000), 0, 20000)
-    lr_tokens, lr_joint = get("lr_tokens", lr_tokens, 0, 1), get("lr_joint", lr_joint, 0, 1)
-    attention_weight = get("attention_weight", attention_weight, 0, 100)
+    steps_tokens = whole("token steps", get("steps_tokens", steps_tokens), 0, 20000)
+    steps_joint = whole("joint steps", get("steps_joint", steps_joint), 0, 20000)
+    lr_tokens = number("lr tokens", get("lr_tokens", lr_tokens), 0, 1)
+    lr_joint = number("lr joint", get("lr_joint", lr_joint), 0, 1)
+    attention_weight = number("attention weight", get("attention_weight", attention_weight), 0, 100)
     rank, batch, seed = whole("LoRA rank", rank, 1, 256), whole("batch size", batch, 1, 16), parse_seed(seed)
     if lora_targets not in LORA_TARGETS:
         raise StudioError(f"unknown LoRA targets {lora_targets!r}: choose one of {', '.join(LORA_TARGETS)}")
@@ -152,21 +135,19 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
         cleanup.callback(hook.handle.remove)
         maps = AttentionMaps.install(patch, pipe, attn_res)
 
-        subsets_all = [tuple(j for j in range(len(tokens)) if k >> j & 1) for k in range(1, 2 ** len(tokens))]
-        if isolate:  # each subset's own picture: the other objects painted over with the background
-            pictures = [isolated(image, masks, keep) for keep in subsets_all]
-        else:
-            pictures = [image] * len(subsets_all)
+        n = len(tokens)
+        subsets_all = [tuple(j for j in range(n) if k >> j & 1) for k in range(1, 2 ** n)]
+        # with `isolate`, each subset's own picture: the other objects painted over with the background
+        pictures = [isolated(image, masks, keep) if isolate else image for keep in subsets_all]
         x0_all = family.encode_images(torch.stack([p.tensor for p in pictures])).to(device)
         latent_masks = torch.stack([mask_tensor(m, latent) for m in masks]).to(device)
         attn_masks = torch.stack([mask_tensor(m, attn_res) for m in masks]).to(device)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
         def loss(step):
-            subsets = [torch.randperm(len(tokens), generator=gen)[:int(torch.randint(1, len(tokens) + 1, (1,),
-                                                                                      generator=gen))].tolist()
+            subsets = [torch.randperm(n, generator=gen)[:int(torch.randint(1, n + 1, (1,), generator=gen))].tolist()
                        for _ in range(batch)]
-            prompts = [caption([tokens[i] for i in s]) for s in subsets]
+            prompts = ["a " + " and a ".join(tokens[i] for i in s) for s in subsets]
             x0 = x0_all[[subsets_all.index(tuple(sorted(s))) for s in subsets]]
             union = torch.stack([latent_masks[s].amax(0) for s in subsets])[:, None]
             if isolate:  # the isolated pictures are right everywhere
@@ -193,16 +174,16 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
             lora = cleanup.enter_context(training.lora(unet, rank, lora_targets, seed))
             losses += training.train(manager, loss, {"embedding": hook.vectors, **lora}, total, lr=lr_joint,
                                      start=steps_tokens, **run)
-        tensors = {"embedding": hook.vectors[:1].detach().float().cpu().clone()}
-        tensors.update({f"embedding.{i}": hook.vectors[i:i + 1].detach().float().cpu().clone()
-                        for i in range(1, len(tokens))})
+        tensors = {f"embedding.{i}" if i else "embedding": hook.vectors[i:i + 1].detach().float().cpu().clone()
+                   for i in range(n)}
         tensors.update(training.detached(lora))
         seconds = time.perf_counter() - start
 
     tail = losses[-max(1, len(losses) // 10):]
     params = dict(method="break-a-scene", token=tokens[0], more_tokens=tokens[1:], strength=1.0,
                   modules=sorted({n.rsplit('.', 1)[0] for n in lora}), base_model=base_signature(pipe), steps=total,
-                  steps_tokens=steps_tokens, steps_joint=steps_joint, lr_tokens=lr_tokens, lr_joint=lr_joint, rank=rank,
-                  lora_targets=lora_targets, attention_weight=attention_weight, batch=batch, seed=seed,
-                  background=background, isolate=isolate, train_seconds=round(seconds, 2), final_loss=round(sum(tail) / len(tail), 5))
+                  steps_tokens=steps_tokens, steps_joint=steps_joint, lr_tokens=lr_tokens, lr_joint=lr_joint,
+                  rank=rank, lora_targets=lora_targets, attention_weight=attention_weight, batch=batch, seed=seed,
+                  background=background, isolate=isolate, train_seconds=round(seconds, 2),
+                  final_loss=round(sum(tail) / len(tail), 5))
     return Edit("learned_concept", params, tensors, label=concept_label(params))

@@ -1,10 +1,6 @@
-"""How well extracted tokens hold their objects, read by an oracle the caller passes (the toy world's).
-
-- identity: "a <token>" shows the object's shape and colour (share of images);
-- ACC@1: each image of "a <token>" is classified as the extracted concept whose (shape, colour)
-  it matches best; the share classified as its own concept;
-- scene: "a <a> and a <b>" shows every object.
-"""
+"""How well extracted tokens hold their objects, read by an oracle the caller passes (the toy world's):
+"a <token>" shows the object's shape and colour; ACC@1, the share of its images `classify` gives to its own
+concept; "a <a> and a <b>" shows every object."""
 from __future__ import annotations
 
 import numpy as np

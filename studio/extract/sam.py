@@ -1,14 +1,7 @@
 """Segment Anything: masks from clicks (and boxes) on an image, or automatically, for extraction.
 
-`SamMasks.load(path)` reads a checkpoint without running pickled code: a .safetensors file, or a
-.pth/.pt (the official release format) through `torch.load(weights_only=True)`, which loads plain
-tensors and refuses anything else. The architecture (ViT-B/L/H) is read from the weights' shapes
-or given; a file written by `SamMasks.save` carries its exact configuration in its metadata.
-
-Clicks arrive in the pixel coordinates of the image as the UI shows it (scaled to fit);
-`display_to_image` maps them to the image's own pixels (the centre of the clicked display pixel),
-which is what SamPredictor expects (it then rescales to its 1024-pixel input itself).
-With no checkpoint the Extract tab still has attention masks ('Find concepts') and drawing.
+`SamMasks.load` runs no pickled code: .safetensors, or .pth/.pt through `torch.load(weights_only=True)`.
+With no checkpoint, 'Find concepts' and drawing still give masks.
 """
 from __future__ import annotations
 
@@ -16,7 +9,7 @@ import hashlib
 import json
 import pickle
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -53,15 +46,6 @@ class SamConfig:
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "SamConfig":
-        d = json.loads(text)
-        d["encoder_global_attn_indexes"] = tuple(d.get("encoder_global_attn_indexes", ()))
-        return cls(**d)
-
 
 PRESETS = {
     "vit_b": SamConfig(768, 12, 12, (2, 5, 8, 11)),
@@ -95,38 +79,21 @@ def build_sam(config: SamConfig):
 
 
 def config_of(sam) -> SamConfig:
-    """The SamConfig of a built Sam (read from its modules)."""
-    enc, dec = sam.image_encoder, sam.mask_decoder
-    blocks = list(enc.blocks)
-    return SamConfig(
-        encoder_embed_dim=enc.patch_embed.proj.out_channels, encoder_depth=len(blocks),
-        encoder_num_heads=blocks[0].attn.num_heads,
-        encoder_global_attn_indexes=tuple(i for i, b in enumerate(blocks) if b.window_size == 0),
-        image_size=enc.img_size, patch_size=enc.patch_embed.proj.kernel_size[0],
-        window_size=max((b.window_size for b in blocks), default=0) or 14,
-        prompt_embed_dim=sam.prompt_encoder.embed_dim,
-        mask_in_chans=sam.prompt_encoder.mask_downscaling[3].out_channels,
-        decoder_depth=len(dec.transformer.layers), decoder_heads=dec.transformer.layers[0].self_attn.num_heads,
-        decoder_mlp_dim=dec.transformer.layers[0].mlp.lin1.out_features,
-        iou_head_depth=dec.iou_prediction_head.num_layers,
-        iou_head_hidden_dim=dec.iou_prediction_head.layers[0].out_features)
+    """A built Sam's SamConfig: read off its weights, and the decoder's head count no shape shows."""
+    heads = sam.mask_decoder.transformer.layers[0].self_attn.num_heads
+    return replace(infer_config(sam.state_dict()), decoder_heads=heads)
 
 
 def infer_config(state: dict, model_type: str | None = None) -> SamConfig:
-    """The architecture of a state dict: `model_type` (vit_b, vit_l, vit_h) if given, else from the shapes.
-
-    Official checkpoints are recognised by their embedding width and depth; other shapes are read
-    off the weights (heads from the relative position tables; the mask decoder's head count, which
-    no weight shape reveals, is the official 8).
-    """
+    """The architecture of a state dict: `model_type` (vit_b, vit_l, vit_h) if given, else from the shapes
+    (the mask decoder's head count, which no shape shows, is the official 8)."""
     if model_type:
         key = str(model_type).lower().replace("-", "_")
         if key not in PRESETS:
             raise StudioError(f"unknown Segment Anything model type {model_type!r}: choose vit_b, vit_l or vit_h")
         return PRESETS[key]
     try:
-        dim = state["image_encoder.patch_embed.proj.weight"].shape[0]
-        patch = state["image_encoder.patch_embed.proj.weight"].shape[-1]
+        dim, _, _, patch = state["image_encoder.patch_embed.proj.weight"].shape
         grid = state["image_encoder.pos_embed"].shape[1]
         depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks."))
         rel = [state[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape for i in range(depth)]
@@ -139,7 +106,7 @@ def infer_config(state: dict, model_type: str | None = None) -> SamConfig:
     except (KeyError, ValueError, IndexError, AttributeError) as exc:
         raise StudioError(f"this is not a Segment Anything checkpoint (missing or odd weight: {exc}); use the official "
                           f"{SAM_VIT_B}") from None
-    for name, preset in PRESETS.items():
+    for preset in PRESETS.values():
         if (dim, depth) == (preset.encoder_embed_dim, preset.encoder_depth) and grid * patch == preset.image_size:
             return preset
     global_size = 2 * grid - 1
@@ -153,7 +120,7 @@ def infer_config(state: dict, model_type: str | None = None) -> SamConfig:
 
 
 def read_checkpoint(path) -> tuple[dict, SamConfig | None]:
-    """(state dict, config from the file's metadata if it has one); StudioError for anything unsafe or odd."""
+    """(state dict, config from the file's metadata if any); StudioError for anything unsafe or odd."""
     if path is None or not str(path).strip():
         raise StudioError(f"no Segment Anything checkpoint given: {DOWNLOAD_HINT}")
     path = Path(str(path)).expanduser()
@@ -171,28 +138,24 @@ def read_checkpoint(path) -> tuple[dict, SamConfig | None]:
             raise StudioError(f"cannot read {path.name} as safetensors ({exc})") from None
         if meta.get("sam_config"):
             try:
-                config = SamConfig.from_json(meta["sam_config"])
+                d = json.loads(meta["sam_config"])
+                d["encoder_global_attn_indexes"] = tuple(d.get("encoder_global_attn_indexes", ()))
+                config = SamConfig(**d)
             except (TypeError, ValueError) as exc:
                 raise StudioError(f"{path.name}: its sam_config metadata is unreadable ({exc})") from None
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
             text = str(exc)
             detail = next((line.split("error:", 1)[1].strip() for line in text.splitlines()
-                           if "WeightsUnpickler error:" in line and line.split("error:", 1)[1].strip()), "")
+                           if "WeightsUnpickler error:" in line), text.strip().split("\n")[0]) or "bad data"
+            use = f"Use the official {SAM_VIT_B} or a .safetensors file"
             if "Unsupported global" in text:
-                raise StudioError(
-                    f"refused to load {path.name}: it is a pickle that holds more than plain tensors "
-                    f"({detail.split('. ')[0][:120]}), and unpickling it could run code. Use the official "
-                    f"{SAM_VIT_B} or a .safetensors file") from None
-            raise StudioError(f"cannot read {path.name} as a PyTorch checkpoint of tensors "
-                              f"({detail[:120] or 'bad data'}); is the download complete? Use the official "
-                              f"{SAM_VIT_B} or a .safetensors file") from None
-        except (RuntimeError, OSError, EOFError, ValueError) as exc:
-            raise StudioError(f"cannot read {path.name} as a PyTorch checkpoint ({str(exc).splitlines()[0][:160]}); "
-                              f"is the download complete? Use the official {SAM_VIT_B} or a .safetensors "
-                              "file") from None
+                raise StudioError(f"refused to load {path.name}: it is a pickle that holds more than plain tensors "
+                                  f"({detail.split('. ')[0][:120]}), and unpickling it could run code. {use}") from None
+            raise StudioError(f"cannot read {path.name} as a PyTorch checkpoint ({detail[:160]}); is the download "
+                              f"complete? {use}") from None
         if isinstance(state, dict) and isinstance(state.get("model"), dict):   # {"model": state_dict} re-saves
             state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -203,39 +166,34 @@ def read_checkpoint(path) -> tuple[dict, SamConfig | None]:
 
 # -- display -> image coordinates ------------------------------------------------------------------
 def display_to_image(points, display_size, image_size) -> np.ndarray:
-    """Clicks at (x, y) pixels of the image as displayed (display_size = (width, height)) as (x, y)
-    pixels of the image itself (image_size = (width, height)): the centre of the clicked display
-    pixel, (x + 0.5) * W / w - 0.5, so equal sizes map a pixel to itself. (N, 2) float array."""
+    """Clicks (x, y) on the image as displayed at display_size (w, h) as pixels of the image (its size
+    (W, H)): the centre of the clicked pixel, (x + 0.5) * W / w - 0.5. (N, 2) float array."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     (dw, dh), (w, h) = (float(v) for v in display_size), (float(v) for v in image_size)
     if min(dw, dh, w, h) <= 0:
         raise StudioError(f"sizes must be positive (display {display_size}, image {image_size})")
-    if len(pts) and ((pts[:, 0] < -0.5) | (pts[:, 0] > dw - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > dh - 0.5)).any():
-        bad = pts[(pts[:, 0] < -0.5) | (pts[:, 0] > dw - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > dh - 0.5)][0]
-        raise StudioError(f"click ({bad[0]:g}, {bad[1]:g}) is outside the {dw:g}x{dh:g} displayed image")
-    out = np.empty_like(pts)
-    out[:, 0] = (pts[:, 0] + 0.5) * w / dw - 0.5
-    out[:, 1] = (pts[:, 1] + 0.5) * h / dh - 0.5
-    out[:, 0] = out[:, 0].clip(0, w - 1)
-    out[:, 1] = out[:, 1].clip(0, h - 1)
-    return out
+    _refuse_outside(pts, dw, dh, "displayed image")
+    return ((pts + 0.5) * [w, h] / [dw, dh] - 0.5).clip(0, [w - 1, h - 1])
 
 
 def image_to_display(points, display_size, image_size) -> np.ndarray:
     """The inverse of `display_to_image` (e.g. to draw the clicks back on the displayed image)."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     (dw, dh), (w, h) = (float(v) for v in display_size), (float(v) for v in image_size)
-    return np.stack([(pts[:, 0] + 0.5) * dw / w - 0.5, (pts[:, 1] + 0.5) * dh / h - 0.5], 1)
+    return (pts + 0.5) * [dw, dh] / [w, h] - 0.5
+
+
+def _refuse_outside(pts: np.ndarray, w, h, what: str) -> None:
+    out = (pts < -0.5).any(1) | (pts[:, 0] > w - 0.5) | (pts[:, 1] > h - 0.5)
+    if out.any():
+        raise StudioError(f"click ({pts[out][0][0]:g}, {pts[out][0][1]:g}) is outside the {w:g}x{h:g} {what}")
 
 
 # -- the wrapper -----------------------------------------------------------------------------------
 @dataclass
 class SamMasks:
     """A Segment Anything model with its predictor: clicks/boxes -> one mask, or automatic masks.
-
-    The image embedding (the expensive part) is kept for the last image, so several clicks on the
-    same image run only the light mask decoder.
-    """
+    The last image's embedding is kept: more clicks on it run only the light mask decoder."""
     sam: object
     device: str = "auto"
     name: str = "Segment Anything"
@@ -254,33 +212,30 @@ class SamMasks:
 
     @classmethod
     def load(cls, checkpoint, model_type: str | None = None, device: str = "auto") -> "SamMasks":
-        """Load a checkpoint (.safetensors, or .pth/.pt with plain tensors only); StudioError with what
-        to download if it is missing."""
+        """Load a checkpoint (.safetensors, or .pth/.pt with plain tensors only)."""
         state, config = read_checkpoint(checkpoint)
         config = infer_config(state, model_type) if model_type or config is None else config
         sam = build_sam(config)
-        own = sam.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or wrong:
-            what = "; ".join(f"{len(names)} {kind} (e.g. {names[0]})" for kind, names in
-                             (("missing weights", missing), ("unexpected weights", unexpected),
-                              ("weights of another shape", wrong)) if names)
-            raise StudioError(f"{Path(str(checkpoint)).name} does not fit a Segment Anything {describe(config)} "
-                              f"model: {what}. Give the right model type (vit_b, vit_l, vit_h)")
+        own, name = sam.state_dict(), f"Segment Anything {describe(config)}"
+        problems = {"missing weights": [k for k in own if k not in state],
+                    "unexpected weights": [k for k in state if k not in own],
+                    "weights of another shape": [k for k in own if k in state and state[k].shape != own[k].shape]}
+        if any(problems.values()):
+            what = "; ".join(f"{len(keys)} {kind} (e.g. {keys[0]})" for kind, keys in problems.items() if keys)
+            raise StudioError(f"{Path(str(checkpoint)).name} does not fit a {name} model: {what}. "
+                              "Give the right model type (vit_b, vit_l, vit_h)")
         sam.load_state_dict(state)
-        return cls(sam, device, f"Segment Anything {describe(config)} ({Path(str(checkpoint)).name})", config)
+        return cls(sam, device, f"{name} ({Path(str(checkpoint)).name})", config)
 
     def save(self, path) -> Path:
-        """Write the weights as .safetensors, with the architecture in the metadata (loads back exactly)."""
+        """Write the weights as .safetensors, with the architecture in the metadata."""
         from safetensors.torch import save_file
 
         path = Path(path)
         if path.suffix.lower() != ".safetensors":
             raise StudioError("save Segment Anything weights as .safetensors")
         state = {k: v.detach().cpu().contiguous() for k, v in self.sam.state_dict().items()}
-        meta = {"sam_config": self.config.to_json(), "format": "pt"}
+        meta = {"sam_config": json.dumps(asdict(self.config)), "format": "pt"}
         return write_atomically(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
     # -- prompts -----------------------------------------------------------------------------------
@@ -291,41 +246,32 @@ class SamMasks:
             self.predictor.set_image(rgb, image_format="RGB")
             self._image_key = key
 
-    def masks_from_clicks(self, image, points=(), labels=None, boxes=None, *, display_size=None,
-                          multimask: bool | None = None) -> np.ndarray:
-        """One mask (H x W bool, the image's size) for the object the clicks (and/or box) point at.
-
-        points: (x, y) clicks; labels: 1 = on the object (default), 0 = not on it. boxes: one box
-        (x0, y0, x1, y1) or a list of boxes (one mask each, united). Coordinates are image pixels,
-        or pixels of the displayed image when `display_size` = (width, height) is given. With one
-        click SAM proposes three masks and the one with the best predicted IoU is kept
-        (`multimask`); with more prompts it makes one.
-        """
+    def masks_from_clicks(self, image, points=(), labels=None, boxes=None, *, display_size=None) -> np.ndarray:
+        """One mask (H x W bool) of the object the clicks (labels: 1 on it, 0 not) and boxes (x0, y0, x1, y1;
+        their masks united) point at, in image pixels or those of the image shown at `display_size`."""
         rgb = np.array(load_rgb(image)[0])
         h, w = rgb.shape[:2]
         pts = np.asarray(list(points) if points is not None else [], dtype=np.float64).reshape(-1, 2)
         lab = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(lab) != len(pts):
             raise StudioError(f"{len(pts)} clicks but {len(lab)} labels: give one label (1 on, 0 off) per click")
-        if len(lab) and not np.isin(lab, (0, 1)).all():
+        if not np.isin(lab, (0, 1)).all():
             raise StudioError("click labels must be 1 (on the object) or 0 (not on it)")
-        box_list = [] if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        box_list = np.asarray([] if boxes is None else boxes, dtype=np.float64).reshape(-1, 4)
         if not len(pts) and not len(box_list):
             raise StudioError("click on the object (or draw a box around it) first")
         if len(pts) and not (lab == 1).any() and not len(box_list):
             raise StudioError("every click says 'not the object': click on the object at least once")
         if display_size is not None:
-            pts = display_to_image(pts, display_size, (w, h)) if len(pts) else pts
-            box_list = [display_to_image(b.reshape(2, 2), display_size, (w, h)).reshape(4) for b in box_list]
+            pts = display_to_image(pts, display_size, (w, h))
+            box_list = display_to_image(box_list, display_size, (w, h)).reshape(-1, 4)
         else:
-            out = (pts[:, 0] < -0.5) | (pts[:, 0] > w - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > h - 0.5)
-            if len(pts) and out.any():
-                raise StudioError(f"click ({pts[out][0][0]:g}, {pts[out][0][1]:g}) is outside the {w}x{h} image")
+            _refuse_outside(pts, w, h, "image")
         for b in box_list:
             if not (b[2] > b[0] and b[3] > b[1]):
                 raise StudioError("a box is (left, top, right, bottom) with right > left and bottom > top; "
                                   f"got {[float(v) for v in b]}")
-        multi = (len(pts) == 1 and not len(box_list)) if multimask is None else bool(multimask)
+        multi = len(pts) == 1 and not len(box_list)   # one click: three proposals, the best kept
         result = np.zeros((h, w), dtype=bool)
         with self._lock:
             self._set_image(rgb)
@@ -338,9 +284,8 @@ class SamMasks:
 
     def automatic(self, image, *, max_masks: int = 8, min_area: float = 0.005, max_area: float = 0.9,
                   **options) -> list[np.ndarray]:
-        """Masks of everything SAM finds (SamAutomaticMaskGenerator; `options` go to it), without those
-        under `min_area` or over `max_area` of the image, nor those mostly inside a better one; the best
-        `max_masks` by predicted IoU x stability, ordered left to right. H x W bool each."""
+        """The best `max_masks` masks SamAutomaticMaskGenerator(**options) finds, from `min_area` to
+        `max_area` of the image and not mostly inside a better one, left to right."""
         from segment_anything import SamAutomaticMaskGenerator
 
         rgb = np.array(load_rgb(image)[0])
@@ -355,18 +300,12 @@ class SamMasks:
         found = [f for f in found if min_area * total <= f["area"] <= max_area * total]
         found.sort(key=lambda f: -f["predicted_iou"] * f["stability_score"])
         kept: list[np.ndarray] = []
-        for f in found:
-            m = np.asarray(f["segmentation"], dtype=bool)
-            if any((m & k).sum() > 0.8 * m.sum() for k in kept):
-                continue
-            kept.append(m)
-            if len(kept) >= max_masks:
-                break
+        for m in (np.asarray(f["segmentation"], dtype=bool) for f in found):
+            if len(kept) < max_masks and not any((m & k).sum() > 0.8 * m.sum() for k in kept):
+                kept.append(m)
         return [kept[i] for i in left_to_right(kept)] if kept else []
 
 
 def describe(config: SamConfig) -> str:
-    for name, preset in PRESETS.items():
-        if preset == config:
-            return name.replace("_", "-").upper().replace("VIT", "ViT")
-    return f"custom ViT ({config.encoder_embed_dim} wide, {config.encoder_depth} deep)"
+    return next((f"ViT-{name[-1].upper()}" for name, preset in PRESETS.items() if preset == config),
+                f"custom ViT ({config.encoder_embed_dim} wide, {config.encoder_depth} deep)")

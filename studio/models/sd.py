@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ..tokenizer import prompt_text
 from ..errors import StudioError
 
 VAE_BATCH = 8  # images per VAE call: bounds the activation memory of encoding many training images
@@ -48,6 +49,27 @@ class Conditioning:
                             {k: torch.cat([c.extra[k] for c in items]) for k in first.extra})
 
 
+def check_checkpoint(path) -> None:
+    """Refuse a .safetensors file that is not a whole SD-1/2 checkpoint, by its key names (read from the header
+    only), before diffusers looks for a config on the hub and fails with an unrelated message."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    name = Path(path).name
+    kinds = {"conditioner.embedders.1.": "an SDXL checkpoint", "double_blocks.": "a Flux checkpoint",
+             "lora_unet_": "a LoRA", "lora_te": "a LoRA", "string_to_param": "an embedding", "emb_params": "an embedding"}
+    for marker, what in kinds.items():
+        if any(marker in k for k in keys):
+            raise StudioError(f"{name} is {what}, not a Stable Diffusion 1.x/2.x checkpoint"
+                              + (": load it in the Customize tab's import" if "checkpoint" not in what else ""))
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise StudioError(f"{name} holds no Stable Diffusion UNet weights (keys 'model.diffusion_model.*'): it is not "
+                          "a model checkpoint; give a whole SD-1.x/2.x .safetensors or a diffusers folder")
+
+
 class StableDiffusion:
     title = "Stable Diffusion 1.x/2.x"
     pipeline_names = ("StableDiffusionPipeline",)
@@ -65,6 +87,8 @@ class StableDiffusion:
         from diffusers import StableDiffusionPipeline
 
         if kind == "single-file":
+            if str(source).lower().endswith(".safetensors"):
+                check_checkpoint(source)
             return StableDiffusionPipeline.from_single_file(source, load_safety_checker=False, dtype=dtype)
         return StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False,
                                                        dtype=dtype)
@@ -94,7 +118,7 @@ class StableDiffusion:
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
         """(B, max_tokens) padded, truncated ids of the spelled prompts, on the text encoder's device."""
         tok = self.pipe.tokenizer
-        return tok([self.spelled(p) for p in prompts], padding="max_length", max_length=tok.model_max_length,
+        return tok([self.spelled(prompt_text(p)) for p in prompts], padding="max_length", max_length=tok.model_max_length,
                    truncation=True, return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
 
     def encode(self, prompts: list[str], ids: torch.Tensor | None = None) -> Conditioning:

@@ -1,8 +1,5 @@
-"""What the toy world knows about a word: its kind, its synonyms, the prompts that test it.
-
-Erasure reports need, for any concept, prompts that ask for it (efficacy), prompts with its
-paraphrases (generality) and prompts with its neighbours of the same kind (specificity); the
-closed-form edits need templates that put the word where captions put it.
+"""What the toy world knows about a word: its kind, synonyms and neighbours, and the prompts and templates
+that test it (efficacy, generality and specificity of an erasure; where the closed-form edits put it).
 """
 from __future__ import annotations
 

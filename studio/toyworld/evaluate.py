@@ -2,9 +2,8 @@
 
     python -m studio.toyworld.evaluate [--model builtin] [--seeds 4] [--steps 20] [--out bench/results/toy-eval.json]
 
-A prompt set is a list of PromptSpec (the prompt and the objects it asks for); `score` generates
-every prompt on the same seeds and reads the images with the oracle. Erasure reports call it
-before and after an edit; `presence_rate` answers "how often does this concept still appear".
+`score` generates every PromptSpec (a prompt and the objects it asks for) on the same seeds and reads the
+images with the oracle; `presence_rate` answers "how often does this concept still appear".
 """
 from __future__ import annotations
 
@@ -82,19 +81,15 @@ def default_prompt_set() -> list[PromptSpec]:
 @dataclass
 class Score:
     group: str
-    n: int = 0
-    colour: int = 0
-    shape: int = 0
-    style: int = 0
-    styled: int = 0
-    both: int = 0
-    rows: list = field(default_factory=list)
+    rows: list = field(default_factory=list)  # per image: prompt, seed and the judge's verdicts
+    styled: list = field(default_factory=list)  # the style verdicts of the images whose prompt asks for a style
 
     def rates(self) -> dict[str, float]:
-        r = {"images": self.n, "colour": self.colour / max(self.n, 1), "shape": self.shape / max(self.n, 1),
-             "all objects right": self.both / max(self.n, 1)}
+        share = lambda k: sum(row[k] for row in self.rows) / max(len(self.rows), 1)  # noqa: E731
+        r = {"images": len(self.rows), "colour": share("colour"), "shape": share("shape"),
+             "all objects right": share("both")}
         if self.styled:
-            r["style"] = self.style / self.styled
+            r["style"] = sum(self.styled) / len(self.styled)
         return r
 
 
@@ -120,14 +115,9 @@ def score(manager, specs: list[PromptSpec], seeds: int = SEEDS, steps: int = 20,
         result = manager.generate(GenerationRequest(spec.prompt, seed=0, batch=seeds, steps=steps, guidance=guidance))
         for seed, image in zip(result.seeds, result.images):
             verdict = judge(oracle.read(image), spec.objects)
-            g.n += 1
-            g.colour += verdict["colour"]
-            g.shape += verdict["shape"]
-            g.both += verdict["both"]
-            if any(w.style for w in spec.objects):
-                g.styled += 1
-                g.style += verdict["style"]
             g.rows.append(dict(prompt=spec.prompt, seed=seed, **verdict))
+            if any(w.style for w in spec.objects):
+                g.styled.append(verdict["style"])
         if progress:
             progress(i + 1, len(specs))
     return groups
@@ -152,6 +142,7 @@ def attention_iou(manager, specs: list[PromptSpec], seeds: int = SEEDS, steps: i
     import torch
 
     from ..attention.capture import capture
+    from ..attention.maps import iou
     from ..attention.tokens import token_positions
 
     oracle = oracle or bundled_oracle()
@@ -166,8 +157,7 @@ def attention_iou(manager, specs: list[PromptSpec], seeds: int = SEEDS, steps: i
             if not found:
                 continue
             mask = torch.as_tensor(found[0].mask)
-            hot = m >= m.flatten().quantile(1 - top)
-            ious.append(float((hot & mask).sum() / (hot | mask).sum()))
+            ious.append(iou(m >= m.flatten().quantile(1 - top), mask))
             a, k = float(mask.sum()), top * mask.numel()
             chances.append(top * a / (a + k - top * a))
     n = max(len(ious), 1)

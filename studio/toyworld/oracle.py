@@ -1,8 +1,7 @@
-"""The oracle: reads shape, colour and style of every object in a toy-world image.
+"""The oracle, every tab's measuring instrument: reads shape, colour and style of every object in an image.
 
-It is the measuring instrument of every tab. Objects are found by their difference from the
-background (closed with a small max-pool so striped and dotted objects stay whole, then labelled
-by flood fill); each object's crop is classified by a small CNN trained on generator output.
+Objects are found by their difference from the background (closed by a small max-pool so striped and dotted
+objects stay whole, then flood-filled); each object's crop is classified by a small CNN trained on scenes.
 """
 from __future__ import annotations
 
@@ -59,11 +58,7 @@ def segment(image: np.ndarray, threshold: float = 60.0) -> list[np.ndarray]:
         if torch.equal(grown, labels):
             break
         labels = grown
-    masks = []
-    for value in labels.unique()[1:]:
-        m = (labels == value) & fg
-        if m.sum() >= MIN_AREA:
-            masks.append(m.numpy())
+    masks = [m.numpy() for m in ((labels == value) & fg for value in labels.unique()[1:]) if m.sum() >= MIN_AREA]
     return sorted(masks, key=lambda m: -m.sum())
 
 
@@ -100,12 +95,9 @@ class Oracle:
             return []
         out = self.net(torch.stack([crop(image, m) for m in masks]))
         probs = {k: v.softmax(-1) for k, v in out.items()}
-        readings = []
-        for i, m in enumerate(masks):
-            conf = min(float(p[i].max()) for p in probs.values())
-            readings.append(Reading(ALL_SHAPES[int(probs["shape"][i].argmax())], COLOUR_NAMES[int(probs["colour"][i].argmax())],
-                                    STYLES[int(probs["style"][i].argmax())], conf, m))
-        return readings
+        best = {k: p.argmax(-1).tolist() for k, p in probs.items()}
+        return [Reading(ALL_SHAPES[best["shape"][i]], COLOUR_NAMES[best["colour"][i]], STYLES[best["style"][i]],
+                        min(float(p[i].max()) for p in probs.values()), m) for i, m in enumerate(masks)]
 
     def presence(self, image, concept: str) -> float:
         """1.0 if some object in the image shows `concept` (a shape, colour or style word), else 0.0."""

@@ -1,8 +1,5 @@
-"""The toy world's presets: the templates, prompts, images and oracle measures that the UI, the CLI and
-bench hand to the methods when the loaded model is the toy one.
-
-The methods (studio/erase, customize, extract, attention) take their templates, prompts and measuring
-instruments as parameters and never import the toy world; the entries import this module and pass them.
+"""The toy world's templates, prompts, images and oracle measures, which the UI, the CLI and bench hand to
+the methods when the loaded model is the toy one (the methods never import the toy world).
 """
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
 """The toy world's procedural scenes: 1-2 objects on a plain background, with exact ground truth.
 
-Every object has a shape, a colour, a fill style (the world's "art styles"), a position and a
-size; the generator returns the 64x64 image, a caption and, per object, its attributes and pixel
-mask. Captions come from several templates and use synonyms, some of whose combinations are
-kept out of training so that paraphrase erasure and generalisation can be measured. Two shapes
-(heart, cross) are known to the generator and the oracle but never shown to the diffusion model:
-customization and extraction teach them.
+Each object has a shape, a colour, a fill style (the world's "art styles"), a position and a size, and comes
+with its pixel mask. Captions use templates and synonyms, some combinations held out of training; two shapes
+(heart, cross) are known to the generator and the oracle but never shown to the model: customization teaches them.
 """
 from __future__ import annotations
 
@@ -111,17 +108,15 @@ def render(objects: list[SceneObject], rng: np.random.Generator | None = None) -
     return np.round(image).astype(np.uint8)
 
 
-def describe(obj: SceneObject, rng: np.random.Generator, synonyms: bool = True, holdout: bool = True) -> str:
+def describe(obj: SceneObject, rng: np.random.Generator, synonyms: bool = True) -> str:
     """'a striped crimson circle': the style word is left out for solid objects most of the time."""
     colour, shape, style = obj.colour, obj.shape, obj.style
-    if synonyms:
+    if synonyms:  # a held-out combination falls back to the canonical words
         pick = lambda w: rng.choice((w,) + SYNONYMS[w]) if w in SYNONYMS and rng.random() < 0.5 else w  # noqa: E731
         colour, shape, style = pick(colour), pick(shape), pick(style)
-        if holdout:
-            words = {colour, shape, style, obj.colour, obj.shape}
-            for syn, other in HELD_OUT_COMBINATIONS:
-                if syn in (colour, shape, style) and other in words:
-                    colour, shape, style = obj.colour, obj.shape, obj.style
+        words = {colour, shape, style, obj.colour, obj.shape}
+        if any(syn in (colour, shape, style) and other in words for syn, other in HELD_OUT_COMBINATIONS):
+            colour, shape, style = obj.colour, obj.shape, obj.style
     parts = ([style] if style != "solid" or rng.random() < 0.2 else []) + [colour, shape]
     return " ".join(parts)
 

@@ -3,10 +3,8 @@
     python -m studio.toyworld.train --config gpu   # the issue's probe config, ~7 min on an H100
     python -m studio.toyworld.train --config cpu   # a smaller config for a 2-core CPU
 
-The result is a real diffusers StableDiffusionPipeline (CLIP BPE tokenizer with the real
-vocabulary, CLIPTextModel, UNet2DConditionModel, AutoencoderKL), saved with save_pretrained in
-fp16 to assets/toy-model and loaded by from_pretrained like any checkpoint. Seeded: the same
-config, seed and device give the same model.
+The result is a real diffusers StableDiffusionPipeline (CLIP BPE tokenizer, CLIPTextModel, UNet, AutoencoderKL)
+saved in fp16 to assets/toy-model. Seeded: the same config, seed and device give the same model.
 """
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..demo_model import SCHEDULER_CONFIG, TEXT_CONFIG
+from ..demo_model import SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG
 from ..loading import TOY_MODEL
 from ..tokenizer import build_clip_tokenizer
 from .scenes import make_scene
@@ -54,23 +52,20 @@ CONFIGS = {
 
 
 def build_models(cfg: ToyConfig):
+    """The demo model's architecture (studio/demo_model.py) at the config's widths, random weights."""
     text = CLIPTextModel(CLIPTextConfig(**{**TEXT_CONFIG, "hidden_size": cfg.text_hidden,
                                            "intermediate_size": 4 * cfg.text_hidden,
                                            "num_hidden_layers": cfg.text_layers, "projection_dim": cfg.text_hidden}))
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=cfg.unet_channels,
-        attention_head_dim=4, cross_attention_dim=cfg.text_hidden, norm_num_groups=min(32, cfg.unet_channels[0]),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-    vae = AutoencoderKL(
-        sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        block_out_channels=cfg.vae_channels, norm_num_groups=min(32, cfg.vae_channels[0]),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+    unet = UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": cfg.unet_channels,
+                                   "cross_attention_dim": cfg.text_hidden,
+                                   "norm_num_groups": min(32, cfg.unet_channels[0])})
+    vae = AutoencoderKL(**{**VAE_CONFIG, "block_out_channels": cfg.vae_channels,
+                           "norm_num_groups": min(32, cfg.vae_channels[0])})
     return text, unet, vae
 
 
 def scene_dataset(n: int, seed: int, tokenizer, log=print):
-    """n generator scenes: images in [-1, 1] (uint8 kept, converted per batch) and token ids."""
+    """n generator scenes: uint8 images (converted to [-1, 1] per batch) and token ids."""
     t = time.time()
     images, captions = np.empty((n, 64, 64, 3), np.uint8), []
     for i in range(n):
@@ -80,45 +75,52 @@ def scene_dataset(n: int, seed: int, tokenizer, log=print):
         if (i + 1) % 5000 == 0:
             log(f"  {i + 1}/{n} scenes ({time.time() - t:.0f} s)")
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), ids, captions
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), ids
 
 
 def to_pixels(images_u8: torch.Tensor, device) -> torch.Tensor:
     return images_u8.to(device).float() / 127.5 - 1
 
 
-def one_cycle(opt, lr, steps):
-    return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+def fit(what: str, params: list, loss, steps: int, lr: float, log=print, weight_decay: float = 0.0, clip=None):
+    """AdamW with a one-cycle schedule descending loss() for `steps` steps, logged every 100."""
+    opt = torch.optim.AdamW(params, lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    t0 = time.time()
+    for step in range(steps):
+        value = loss()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            rate = (time.time() - t0) / (step + 1)
+            log(f"  {what} step {step}/{steps}: loss {value.item():.4f} ({rate:.2f} s/step, "
+                f"~{rate * (steps - step - 1) / 60:.0f} min left)")
 
 
-def train_vae(vae, images, cfg, device, log=print, check_stop=None, decoder_only: bool = False):
+def train_vae(vae, images, cfg, device, log=print, decoder_only: bool = False):
     """The whole VAE (L1 + MSE + tiny KL), or with decoder_only the decoder on the encoder's means."""
-    steps = cfg.decoder_steps if decoder_only else cfg.vae_steps
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()] if decoder_only else list(vae.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, cfg.vae_lr, weight_decay=0)
-    sched = one_cycle(opt, cfg.vae_lr, steps)
-    vae.train()
-    for step in range(steps):
+
+    def loss():
         x = to_pixels(images[torch.randint(len(images), (cfg.vae_batch,))], device)
         if decoder_only:
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.mean
             recon = vae.decode(z).sample
-            loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        else:
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample()).sample
-            loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if check_stop:
-            check_stop()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"  {'decoder' if decoder_only else 'vae'} step {step}/{steps}: loss {loss.item():.4f}")
+            return F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    vae.train()
+    fit("decoder" if decoder_only else "vae", params, loss, cfg.decoder_steps if decoder_only else cfg.vae_steps,
+        cfg.vae_lr, log)
     vae.eval()
 
 
@@ -128,37 +130,22 @@ def encode_all(vae, images, device, batch=256):
                       for i in range(0, len(images), batch)])
 
 
-def train_unet(unet, text, latents, ids, empty_ids, cfg, device, log=print, check_stop=None):
+def train_unet(unet, text, latents, ids, empty_ids, cfg, device, log=print):
+    """UNet and text encoder together on the DDPM noise loss, the caption dropped (empty) at caption_dropout."""
     noise_sched = DDPMScheduler(**SCHEDULER_CONFIG)
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, cfg.lr, weight_decay=1e-2)
-    sched = one_cycle(opt, cfg.lr, cfg.steps)
-    alphas = noise_sched.alphas_cumprod.to(device)
-    unet.train(), text.train()
-    t0 = time.time()
-    for step in range(cfg.steps):
+
+    def loss():
         idx = torch.randint(len(latents), (cfg.batch,))
         z = latents[idx].to(device)
-        tokens = ids[idx].to(device)
         drop = torch.rand(cfg.batch, device=device) < cfg.caption_dropout
-        tokens = torch.where(drop[:, None], empty_ids.to(device), tokens)
+        tokens = torch.where(drop[:, None], empty_ids.to(device), ids[idx].to(device))
         noise = torch.randn_like(z)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,), device=device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
-        pred = unet(noisy, t, encoder_hidden_states=text(tokens)[0]).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if check_stop:
-            check_stop()
-        if step % 100 == 0 or step == cfg.steps - 1:
-            rate = (time.time() - t0) / (step + 1)
-            log(f"  unet step {step}/{cfg.steps}: loss {loss.item():.4f} ({rate:.2f} s/step, "
-                f"~{rate * (cfg.steps - step - 1) / 60:.0f} min left)")
+        pred = unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=text(tokens)[0]).sample
+        return F.mse_loss(pred, noise)
+
+    unet.train(), text.train()
+    fit("unet", list(unet.parameters()) + list(text.parameters()), loss, cfg.steps, cfg.lr, log, 1e-2, clip=1.0)
     unet.eval(), text.eval()
 
 
@@ -169,7 +156,7 @@ def train(cfg: ToyConfig, device: str = "cpu", seed: int = 0, out: Path = TOY_MO
     start = time.time()
     tokenizer = build_clip_tokenizer()
     log(f"generating {cfg.scenes} scenes")
-    images, ids, _ = scene_dataset(cfg.scenes, seed, tokenizer, log)
+    images, ids = scene_dataset(cfg.scenes, seed, tokenizer, log)
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     if resume:  # continue a saved model: its VAE encoder (so its latent space) stays as it is
         old = StableDiffusionPipeline.from_pretrained(resume, dtype=torch.float32)
@@ -220,8 +207,7 @@ def main() -> None:
     ap.add_argument("--resume", default=None, help="continue training the UNet/text encoder of this model folder")
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
-    overrides = {k: v for k, v in dict(steps=args.steps, vae_steps=args.vae_steps, scenes=args.scenes,
-                                       decoder_steps=args.decoder_steps, lr=args.lr).items() if v is not None}
+    overrides = {k: v for k, v in vars(args).items() if k in asdict(cfg) and v is not None}  # the config's fields
     train(replace(cfg, **overrides), args.device, args.seed, Path(args.out), log=lambda m: print(m, flush=True),
           resume=Path(args.resume) if args.resume else None)
 

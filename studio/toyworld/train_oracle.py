@@ -2,15 +2,13 @@
 
     python -m studio.toyworld.train_oracle [--scenes 6000] [--epochs 8] [--out assets/toy-oracle.safetensors]
 
-Crops are made by the same segmentation the oracle uses at reading time, each matched to the
-generator object it overlaps most, so training and reading see the same inputs.
+Crops come from the oracle's own segmentation, each labelled by the generator object it overlaps most.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,18 +19,17 @@ TEST_SEED_OFFSET = 1_000_000
 
 
 def labelled_crops(seeds) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    xs, ys = [], {"shape": [], "colour": [], "style": []}
+    """Every segmented object that mostly overlaps one generator object, as a crop and its labels."""
+    xs, ys = [], []
     for seed in seeds:
         scene = make_scene(int(seed), held_out=True)
         for m in segment(scene.image):
             obj = max(scene.objects, key=lambda o: (o.mask & m).sum())
-            if (obj.mask & m).sum() < 0.5 * m.sum():
-                continue
-            xs.append(crop(scene.image, m))
-            ys["shape"].append(ALL_SHAPES.index(obj.shape))
-            ys["colour"].append(COLOUR_NAMES.index(obj.colour))
-            ys["style"].append(STYLES.index(obj.style))
-    return torch.stack(xs), {k: torch.tensor(v) for k, v in ys.items()}
+            if (obj.mask & m).sum() >= 0.5 * m.sum():
+                xs.append(crop(scene.image, m))
+                ys.append((ALL_SHAPES.index(obj.shape), COLOUR_NAMES.index(obj.colour), STYLES.index(obj.style)))
+    y = torch.tensor(ys)
+    return torch.stack(xs), {"shape": y[:, 0], "colour": y[:, 1], "style": y[:, 2]}
 
 
 def accuracy(net: OracleNet, x, y) -> dict[str, float]:

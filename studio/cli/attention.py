@@ -12,8 +12,9 @@ import argparse
 
 from ..errors import StudioError
 from ..generation import SAMPLERS, GenerationRequest
-from .maps import BLOCKS, NORMALIZATIONS, Selection
-from .render import COLORMAPS
+from ..attention.maps import BLOCKS, NORMALIZATIONS, Selection
+from ..attention.render import COLORMAPS
+from .common import words
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,13 +55,13 @@ def _ints(text: str, what: str) -> tuple[int, ...] | None:
 
 
 def command(args, manager) -> list:
-    from .any_image import DEFAULT_TIMESTEP, image_maps
-    from .capture import cross_attention_resolutions
-    from .control import Control, default_resolution, default_scale_factor, parse_weights
-    from .export import export
-    from .run import CaptureOptions, generate_with_maps
-    from .tokens import resolve_words
-    from .view import View
+    from ..attention.any_image import DEFAULT_TIMESTEP, image_maps
+    from ..attention.capture import cross_attention_resolutions
+    from ..attention.control import Control, default_resolution, default_scale_factor, parse_weights
+    from ..attention.export import export
+    from ..attention.run import CaptureOptions, generate_with_maps
+    from ..attention.tokens import resolve_words
+    from ..attention.view import View
 
     heads = args.head is not None
     resolve_words(manager.pipe.tokenizer, args.prompt, args.words)  # a bad word fails before any work
@@ -68,7 +69,7 @@ def command(args, manager) -> list:
         result = image_maps(manager, args.image, args.prompt, DEFAULT_TIMESTEP if args.timestep is None else args.timestep,
                             args.seed, args.negative, args.repeats, heads)
     else:
-        subjects = [w.strip() for w in (args.subjects or args.words).split(",") if w.strip()]
+        subjects = words(args.subjects or args.words)
         scale = args.scale_factor if args.scale_factor is not None else \
             default_scale_factor(manager.pipe.unet.config.sample_size)
         control = Control(args.control, subjects, scale,
@@ -81,7 +82,7 @@ def command(args, manager) -> list:
     steps = _ints(args.steps_range, "--steps-range")
     if steps is not None and len(steps) != 2:
         raise StudioError("--steps-range takes first:last, e.g. 0:9")
-    blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
+    blocks = tuple(words(args.blocks))
     unknown = set(blocks) - set(BLOCKS)
     if unknown:
         raise StudioError(f"unknown block {sorted(unknown)[0]!r}; blocks are {', '.join(BLOCKS)}")

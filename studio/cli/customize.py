@@ -7,13 +7,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 from .. import models
 from ..errors import StudioError
-from ..generation import GenerationRequest
-from .images import load_images
-from .train import LORA_TARGETS, METHODS, train_concept
+from ..customize.images import load_images
+from ..customize.train import LORA_TARGETS, METHODS, train_concept
+from .common import add_outputs, progress, write_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,16 +47,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-dir", help="save the training state here every --save-every steps (for --resume)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from the state in --save-dir")
-    p.add_argument("--prompt", action="append", default=[], help="generate this prompt afterwards (repeatable)")
-    p.add_argument("--out", default="outputs", help="folder for the generated PNGs")
-    p.add_argument("--save", help="write the concept as an edit file (.safetensors)")
+    add_outputs(p, "concept")
     p.add_argument("--export", help="folder: embedding (A1111/ComfyUI), kohya LoRA, Custom Diffusion deltas")
 
 
 def command(args, manager) -> list[str]:
     pipe = manager.pipe
     if args.import_files:
-        from .formats import import_concept
+        from ..customize.formats import import_concept
 
         edit = import_concept(args.import_files, token=args.token, pipe=manager, scope=args.scope)
         manager.apply(edit)
@@ -86,7 +82,7 @@ def command(args, manager) -> list[str]:
                          prior_prompts=args.prior_prompt, prior_images=args.prior_images,
                          gradient_checkpointing=args.gradient_checkpointing, save_dir=args.save_dir,
                          save_every=args.save_every, resume=args.resume, scope=args.scope, cut_mix=args.cut_mix or 0.0,
-                         progress=lambda i, n: print(f"\rstep {i}/{n}", end="", flush=True))
+                         progress=progress)
     print()
     manager.apply(edit)
     p = edit.params
@@ -96,17 +92,9 @@ def command(args, manager) -> list[str]:
 
 def _after(args, manager, edit) -> list[str]:
     """Generate the --prompt images, save the edit file, export."""
-    lines, out = [], Path(args.out)
-    for i, prompt in enumerate(args.prompt):
-        out.mkdir(parents=True, exist_ok=True)
-        for j, image in enumerate(manager.generate(GenerationRequest(prompt, seed=0, batch=4)).images):
-            path = out / f"concept-{i}-{j}.png"
-            image.save(path)
-        lines.append(f"{prompt!r}: 4 images in {out}")
-    if args.save:
-        lines.append(f"edit file: {manager.save_edits(args.save)}")
+    lines = write_outputs(args, manager, "concept")
     if args.export:
-        from .formats import export_concept
+        from ..customize.formats import export_concept
 
         result = export_concept(edit, args.export, model=manager)
         lines += [f"exported {fmt}: {', '.join(paths)}" for fmt, paths in result["written"].items()]

@@ -8,21 +8,18 @@ from __future__ import annotations
 import argparse
 
 from ..toyworld.presets import erasure_report, is_toy, toy_captions
-from . import esd
-from .closed_form import DEFAULTS, erase_edit
-from .guard import guard_edit
-
-
-def _list(text: str) -> list[str]:
-    return [w.strip() for w in text.split(",") if w.strip()]
+from .common import progress, words
+from ..erase import esd
+from ..erase.closed_form import DEFAULTS, erase_edit
+from ..erase.guard import guard_edit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("concepts", type=_list, help="concepts to erase, comma-separated")
+    p.add_argument("concepts", type=words, help="concepts to erase, comma-separated")
     p.add_argument("--method", choices=["uce", "guard", "esd"], default="uce",
                    help="closed form (default), inference-time guard, or fine-tuned LoRA")
     p.add_argument("--guide", default="", help="what the concept should become (default: empty prompt)")
-    p.add_argument("--preserve", type=_list, default=[], help="concepts to keep, comma-separated")
+    p.add_argument("--preserve", type=words, default=[], help="concepts to keep, comma-separated")
     p.add_argument("--templates", default="object", help="object, style, toy, none, or templates joined by '|'")
     p.add_argument("--tokens", choices=["to_end", "word"], default=DEFAULTS["tokens"])
     p.add_argument("--lam", type=float, default=DEFAULTS["lam"])
@@ -59,7 +56,7 @@ def command(args, manager) -> list[str]:
         if captions is None and is_toy(manager):
             captions = toy_captions(args.concepts[0])
         edit = esd.train_esd(manager, args.concepts[0], method=args.esd_method, rank=args.rank, steps=args.steps,
-                             lr=args.lr, concept_prompts=captions, progress=lambda i, n: print(f"\rstep {i}/{n}", end="", flush=True))
+                             lr=args.lr, concept_prompts=captions, progress=progress)
     entry = manager.apply(edit)
     lines = [f"{entry.edit.title}: {len(entry.patch.originals)} tensors; fingerprint {manager.fingerprint()[:12]}"]
     if args.report:

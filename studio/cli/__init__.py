@@ -18,11 +18,15 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import StudioError
-from .generation import SAMPLERS, GenerationRequest
+from ..errors import StudioError
+from ..generation import SAMPLERS, GenerationRequest
 
 DEFAULT_HISTORY_DIR = Path(os.environ.get("CONCEPT_STUDIO_HOME", Path.home() / ".concept-studio")) / "history"
-SUBCOMMANDS = ("generate", "scale", "history", "attention", "erase", "customize", "extract")
+PLUGINS = {"attention": "cross-attention maps: grid, raw maps, manifest",  # studio/cli/<name>.py
+           "erase": "erase concepts; report, save the edit, export a LoRA or the pipeline",
+           "customize": "teach a concept from images; try, save and export it",
+           "extract": "one token per object of one image (masks found, clicked or given)"}
+SUBCOMMANDS = ("generate", "scale", "history", *PLUGINS)
 
 
 def _model_args() -> argparse.ArgumentParser:
@@ -56,7 +60,7 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 def _manager(args, history_dir=None):
-    from .manager import PipelineManager
+    from ..manager import PipelineManager
 
     m = PipelineManager(args.model, args.device, args.dtype, args.allow_pickle, history_dir=history_dir)
     if history_dir:
@@ -86,7 +90,7 @@ def _regions(specs: list[str]) -> list[tuple[str, list[float]]]:
 def _cmd_generate(args) -> None:
     m = _manager(args)
     if args.region:
-        from .customize.compose import region_edit
+        from ..customize.compose import region_edit
 
         print(m.apply(region_edit(_regions(args.region), collage=args.collage)).edit.title, file=sys.stderr)
     elif args.collage:
@@ -106,7 +110,7 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_scale(args) -> None:
-    from .layer_scale import scale_edit
+    from ..layer_scale import scale_edit
 
     m = _manager(args)
     entry = m.apply(scale_edit(args.pattern, args.factor))
@@ -115,7 +119,7 @@ def _cmd_scale(args) -> None:
 
 
 def _cmd_history(args) -> None:
-    from .edit_files import load_edits
+    from ..edit_files import load_edits
 
     for i, s in enumerate(load_edits(args.file), 1):
         print(f"{i}. {s.edit.title}  kind={s.edit.kind}  params={json.dumps(s.edit.params)}  "
@@ -153,20 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--save", required=True, help="edit file to write (.safetensors)")
             h = sub.add_parser("history", help="list the edits in an edit file")
             h.add_argument("file")
-            from .attention import cli as attention_cli
-            from .customize import cli as customize_cli
-            from .erase import cli as erase_cli
-            from .extract import cli as extract_cli
-
-            plugins = {"attention": (attention_cli, "cross-attention maps: grid, raw maps, manifest"),
-                       "erase": (erase_cli, "erase concepts; report, save the edit, export a LoRA or the pipeline"),
-                       "customize": (customize_cli, "teach a concept from images; try, save and export it"),
-                       "extract": (extract_cli, "one token per object of one image (masks found, clicked or given)")}
-            for name, (module, help_text) in plugins.items():
-                module.add_arguments(sub.add_parser(name, parents=[_model_args()], help=help_text))
+            plugins = {name: importlib.import_module(f"{__name__}.{name}") for name in PLUGINS}
+            for name, module in plugins.items():
+                module.add_arguments(sub.add_parser(name, parents=[_model_args()], help=PLUGINS[name]))
             args = p.parse_args(argv)
             if args.command in plugins:
-                print(*plugins[args.command][0].command(args, _manager(args)), sep="\n")
+                print(*plugins[args.command].command(args, _manager(args)), sep="\n")
             else:
                 {"generate": _cmd_generate, "scale": _cmd_scale, "history": _cmd_history}[args.command](args)
             return 0
@@ -177,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         auth = (user, password) if args.auth else None
         sam = None
         if args.sam_checkpoint:
-            from .extract.sam import SamMasks
+            from ..extract.sam import SamMasks
 
             sam = SamMasks.load(args.sam_checkpoint)
         manager = _manager(args, None if args.no_history else args.history_dir)

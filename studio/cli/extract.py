@@ -16,10 +16,10 @@ from PIL import Image
 from .. import models
 from ..customize.images import TrainingImage
 from ..errors import StudioError
-from ..generation import GenerationRequest
 from ..images import fit_mask, load_rgb, open_image, to_tensor
-from .break_a_scene import extract_concepts
-from .localize import check_masks, find_concepts, prepare_image
+from ..extract.break_a_scene import extract_concepts
+from ..extract.localize import check_masks, find_concepts, prepare_image
+from .common import add_outputs, progress, words, write_outputs
 
 
 def _click(text: str) -> tuple[int, float, float]:
@@ -45,9 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-joint", type=int, default=None)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--report", action="store_true", help="toy model: oracle-measured identity and ACC@1")
-    p.add_argument("--prompt", action="append", default=[], help="generate this prompt afterwards (repeatable)")
-    p.add_argument("--out", default="outputs")
-    p.add_argument("--save", help="write the extracted concepts as an edit file (.safetensors)")
+    add_outputs(p, "extracted concepts")
     p.add_argument("--save-masks", help="folder to write the masks used (PNG)")
 
 
@@ -65,14 +63,15 @@ def command(args, manager) -> list[str]:
     if args.find:
         masks = find_concepts(manager, picture, count=args.count)
     elif args.click:
-        from .sam import SamMasks
+        from ..extract.sam import SamMasks
 
         sam = SamMasks.load(args.sam_checkpoint)
         original = load_rgb(source)[0]  # clicks are in the original image's pixels
         masks = []
         for k in sorted({c[0] for c in args.click}):
             pts = [(x, y) for j, x, y in args.click if j == k]
-            masks.append(fit_mask(sam.masks_from_clicks(original, pts, [1] * len(pts)), size))
+            masks.append(fit_mask(sam.masks_from_clicks(original, pts, [1] * len(pts),
+                                                        display_size=original.info.get("original_size")), size))
     else:
         masks = [fit_mask(open_image(m).convert("L"), size) for m in args.mask]
     lines += check_masks(masks, picture.shape[:2])
@@ -80,15 +79,15 @@ def command(args, manager) -> list[str]:
         Path(args.save_masks).mkdir(parents=True, exist_ok=True)
         for i, m in enumerate(masks):
             Image.fromarray(m.astype(np.uint8) * 255).save(Path(args.save_masks) / f"mask-{i + 1}.png")
-    tokens = [t.strip() for t in args.tokens.split(",") if t.strip()]
+    tokens = words(args.tokens)
     edit = extract_concepts(manager, TrainingImage(to_tensor(picture)), masks, tokens,
                             steps_tokens=args.steps_tokens, steps_joint=args.steps_joint, rank=args.rank,
-                            progress=lambda i, n: print(f"\rstep {i}/{n}", end="", flush=True))
+                            progress=progress)
     print()
     manager.apply(edit)
     lines.append(f"{edit.title}: {edit.params['steps']} steps, {edit.params['train_seconds']:.1f} s")
     if args.report:
-        from .evaluate import evaluate_extraction, table
+        from ..extract.evaluate import evaluate_extraction, table
 
         from ..toyworld.evaluate import bundled_oracle
 
@@ -101,12 +100,4 @@ def command(args, manager) -> list[str]:
             lines += ["token | object | shape | colour | ACC@1"] + [" | ".join(map(str, r)) for r in rows]
         else:
             lines.append("report: the oracle could not read the objects under the masks")
-    out = Path(args.out)
-    for i, prompt in enumerate(args.prompt):
-        out.mkdir(parents=True, exist_ok=True)
-        for j, image in enumerate(manager.generate(GenerationRequest(prompt, seed=0, batch=4)).images):
-            image.save(out / f"extract-{i}-{j}.png")
-        lines.append(f"{prompt!r}: 4 images in {out}")
-    if args.save:
-        lines.append(f"edit file: {manager.save_edits(args.save)}")
-    return lines
+    return lines + write_outputs(args, manager, "extract")
