@@ -31,15 +31,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from studio.attention.any_image import image_maps  # noqa: E402
-from studio.attention.capture import capture  # noqa: E402
 from studio.attention.control import Control, default_scale_factor  # noqa: E402
 from studio.attention.maps import Selection, binarize, iou, normalize, word_maps  # noqa: E402
 from studio.attention.run import CaptureOptions, generate_with_maps  # noqa: E402
-from studio.attention.tokens import sequence_length  # noqa: E402
+from studio.capture import capture  # noqa: E402
 from common import random_manager, sync  # noqa: E402
 from studio.generation import GenerationRequest  # noqa: E402
 from studio.loading import resolve_device  # noqa: E402
 from studio.manager import PipelineManager  # noqa: E402
+from studio.tokenizer import sequence_length  # noqa: E402
 
 PROMPT = "a photo of a red circle on the left and a blue square"
 TAU = 0.4

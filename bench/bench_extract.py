@@ -22,10 +22,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import write_json  # noqa: E402
-from studio.customize.images import TrainingImage, to_tensor  # noqa: E402
 from studio.extract.break_a_scene import extract_concepts  # noqa: E402
 from studio.extract.evaluate import evaluate_extraction  # noqa: E402
 from studio.extract.localize import find_concepts  # noqa: E402
+from studio.images import to_tensor  # noqa: E402
+from studio.training import TrainingImage  # noqa: E402
 from studio.manager import PipelineManager  # noqa: E402
 from studio.toyworld.evaluate import bundled_oracle  # noqa: E402
 from studio.toyworld.scenes import make_scene  # noqa: E402

@@ -14,7 +14,6 @@ import gradio as gr
 from PIL import Image, ImageDraw
 
 from studio.attention.any_image import DEFAULT_TIMESTEP, image_maps
-from studio.attention.capture import cross_attention_resolutions
 from studio.attention.control import (
     Control,
     default_resolution,
@@ -28,6 +27,7 @@ from studio.attention.render import COLORMAPS, colorize
 from studio.attention.result import ResultCache
 from studio.attention.run import CaptureOptions, compare_control, generate_with_maps
 from studio.attention.selfattn import components, pixel_row
+from studio.capture import cross_attention_resolutions
 from studio.attention.view import View, render_view
 from studio.generation import MAX_STEPS, SAMPLERS, GenerationRequest
 from studio.manager import PipelineManager

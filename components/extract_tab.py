@@ -8,14 +8,14 @@ import numpy as np
 from PIL import Image
 
 from studio import models
-from studio.customize.images import TrainingImage, to_tensor
 from studio.errors import StudioError
 from studio.extract.break_a_scene import DEFAULTS, extract_concepts
 from studio.extract.evaluate import evaluate_extraction, table
 from studio.extract.localize import check_masks, find_concepts, prepare_image
-from studio.images import fit_mask, load_rgb
+from studio.images import fit_mask, load_rgb, to_tensor
 from studio.manager import PipelineManager
 from studio.toyworld.evaluate import bundled_oracle
+from studio.training import TrainingImage
 
 from .common import (GPU, PAINT_COLOURS, PAINT_NAMES, blank_canvas, number, painted_masks, slider, stop_own_job,
                      stream_job, user_errors)

@@ -2,13 +2,14 @@
 batches and predictions, through the model layer) and the tensors they train; this module owns what every
 run needs: the components frozen and restored whatever happens, one LoRA (peft, fp32 factors drawn from the
 run's seed, removed afterwards), trainable token vectors, the optimiser, a stop check, progress and previews
-every step, the divergence check, and resume state written atomically (safetensors + JSON, no pickle).
+every step, the divergence check, and resume state written atomically (safetensors + JSON, no pickle); and
+what trainers share besides: their images (`TrainingImage`) and the label of the concept they learn.
 """
 from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +30,21 @@ LORA_TARGETS = {
 }
 Progress = Callable[[int, int], None]
 Preview = Callable[[int, list], None]
+
+
+@dataclass
+class TrainingImage:
+    tensor: torch.Tensor  # [3, R, R] in [-1, 1]
+    caption: str | None = None
+    name: str = ""
+    mask: torch.Tensor | None = field(default=None, repr=False)  # [R, R] in {0, 1}
+
+
+def concept_label(params: dict) -> str:
+    tokens = ", ".join([params.get("token") or params.get("name", "adapter"), *params.get("more_tokens", [])])
+    label = f"learn {tokens} ({params.get('method', '?')})"
+    s = params.get("strength", 1.0)
+    return label if s == 1.0 else f"{label} x{s:g}"
 
 
 def is_toy(pipe) -> bool:

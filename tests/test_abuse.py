@@ -283,6 +283,10 @@ def test_unclear_messages_say_what_is_wrong(toy, tmp_path):
     for name, says in (("lora", "is a LoRA"), ("random", "holds no Stable Diffusion UNet weights")):
         with pytest.raises(StudioError, match=says):
             PipelineManager(str(tmp_path / f"{name}.safetensors"), device="cpu").pipe
+    (tmp_path / "sdxl").mkdir()
+    (tmp_path / "sdxl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    with pytest.raises(StudioError, match="holds a StableDiffusionXLPipeline pipeline; the studio runs Stable"):
+        PipelineManager(str(tmp_path / "sdxl"), device="cpu").pipe
     edit_file(tmp_path, "{not json", "broken.safetensors")
     with pytest.raises(StudioError, match="damaged or was not written by Concept Studio") as err:
         toy.load_edits(tmp_path / "broken.safetensors")

@@ -6,13 +6,13 @@ import torch
 from contextlib import contextmanager
 
 from studio import steering
-from studio.attention.capture import AttentionSession, CrossAttentionStore, install, new_session
 from studio.attention.run import CaptureOptions, generate_with_maps
 from studio.attention.selfattn import components, explicit_matrix, pixel_row
-from studio.attention.tokens import prompt_words, token_positions
+from studio.capture import AttentionSession, CrossAttentionStore, install, new_session
 from studio.demo_model import build_demo_pipeline
 from studio.errors import StudioError
 from studio.generation import GenerationRequest
+from studio.tokenizer import prompt_words, token_positions
 
 
 @contextmanager

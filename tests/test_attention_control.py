@@ -8,7 +8,6 @@ from studio import steering
 from studio.attention.control import (
     Control,
     excite_loss,
-    gaussian_smooth,
     parse_thresholds,
     parse_weights,
     retention_loss,
@@ -16,6 +15,7 @@ from studio.attention.control import (
     subject_maps,
 )
 from studio.attention.run import CaptureOptions, compare_control, generate_with_maps
+from studio.capture import gaussian_smooth
 from studio.errors import JobStopped, StudioError
 from studio.generation import GenerationRequest
 

@@ -17,12 +17,13 @@ from safetensors.torch import load_file, save_file
 
 from studio.customize.concept import with_strength
 from studio.customize.formats import CD_WEIGHTS, EMBEDS, export_concept, import_concept, lora_state
-from studio.customize.images import TrainingImage, to_tensor
 from studio.customize.train import train_concept
 from studio.edits import Edit
 from studio.errors import StudioError
 from studio.generation import GenerationRequest
+from studio.images import to_tensor
 from studio.manager import PipelineManager
+from studio.training import TrainingImage
 
 PROMPT = "a <x> on the grass"
 K0 = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"

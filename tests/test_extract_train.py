@@ -4,12 +4,13 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.customize.images import TrainingImage, to_tensor
 from studio.errors import StudioError
 from studio import steering
 from studio.extract.break_a_scene import AttentionMaps, attention_loss, extract_concepts, isolated, mask_tensor
 from studio.extract.evaluate import classify
+from studio.images import to_tensor
 from studio.toyworld.scenes import make_scene
+from studio.training import TrainingImage
 
 SCENE = make_scene(11, n_objects=2, held_out=True)  # a red heart (left) and an outlined yellow triangle
 MASKS = [o.mask for o in SCENE.objects]

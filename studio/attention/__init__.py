@@ -1,7 +1,6 @@
-"""Cross-attention: capture on the fused SDPA path, word maps, self-attention on demand, control.
+"""Cross-attention: word maps, self-attention on demand, control, on the shared capture (studio/capture.py).
 
-capture: hooks feeding a session; tokens: words <-> token positions; result: a job's output;
-run / any_image: maps of a generation / an uploaded image; maps: selection, word maps, summary;
-selfattn: pixel rows, components; control: Attend-and-Excite, A-STAR, reweighting;
-render / view / export: drawing, one view, PNG + npz + JSON.
+result: a job's output; run / any_image: maps of a generation / an uploaded image;
+maps: the words shown, selection, word maps, summary; selfattn: pixel rows, components;
+control: Attend-and-Excite, A-STAR, reweighting; render / view / export: drawing, one view, PNG + npz + JSON.
 """

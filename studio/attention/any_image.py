@@ -1,45 +1,21 @@
-"""Maps for any image: encode it, noise it to timestep t (the training scheduler's `add_noise`), run
-the UNet once with the prompt. `repeats` averages noise draws: steadier at high t.
+"""Maps for any image: encode it, noise it to timestep t (`capture.noised`), run the UNet once with the
+prompt. `repeats` averages noise draws: steadier at high t.
 """
 from __future__ import annotations
 
 import time
 
 import torch
-from diffusers import DDPMScheduler
 
 from .. import models
-from ..checks import whole
+from ..capture import capture, encoded, noised, noising
 from ..errors import StudioError
 from ..generation import parse_seed
-from ..images import load_rgb, square, to_tensor
-from .capture import capture
+from ..images import load_rgb, square
+from ..tokenizer import sequence_length
 from .result import AttentionResult, from_session
-from .tokens import sequence_length
 
 DEFAULT_TIMESTEP = 100
-
-
-def noising(pipe, timestep, repeats) -> tuple[int, int]:
-    """The checked (timestep, repeats) of a noise-the-image-and-look pass."""
-    limit = pipe.scheduler.config.num_train_timesteps
-    return whole("timestep", timestep, 0, limit - 1), whole("repeats", repeats, 1, 16)
-
-
-def noised(model, picture, timestep: int, repeats: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`repeats` noise draws of the picture's latent at `timestep`, and t."""
-    pipe, dtype = model.pipe, model.denoiser.dtype
-    latent = model.encode_images(to_tensor(picture)[None])
-    noise = torch.randn((repeats, *latent.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
-    t = torch.tensor([timestep], device=pipe.device)
-    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(
-        latent.expand(repeats, -1, -1, -1).to(pipe.device, dtype), noise.to(pipe.device, dtype), t)
-    return noisy, t
-
-
-def encoded(model, prompts: list[str], repeats: int):
-    """Each prompt's conditioning `repeats` times, prompt after prompt."""
-    return models.Conditioning.cat([model.encode([p]).rows(torch.zeros(repeats, dtype=torch.long)) for p in prompts])
 
 
 def image_maps(manager, image, prompt: str, timestep: int = DEFAULT_TIMESTEP, seed=0, negative: str = "",

@@ -16,25 +16,13 @@ from itertools import combinations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import models
+from ..capture import STANDARD_PROCESSORS, encoded, gaussian_smooth, levels
 from ..errors import StudioError
-from .any_image import encoded
-from .capture import levels
-from .tokens import prompt_ids, token_positions
+from ..tokenizer import prompt_ids, token_positions
 
 METHODS = ("none", "attend-excite", "a-star")
-STANDARD_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
-
-
-def gaussian_smooth(maps: torch.Tensor, kernel: int = 3, sigma: float = 0.5) -> torch.Tensor:
-    """(..., h, w) smoothed by a normalized Gaussian, reflect-padded."""
-    x = torch.arange(kernel, dtype=maps.dtype, device=maps.device) - (kernel - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    k2 = torch.outer(g, g)
-    flat = F.pad(maps.reshape(-1, 1, *maps.shape[-2:]), (kernel // 2,) * 4, mode="reflect")
-    return F.conv2d(flat, (k2 / k2.sum())[None, None]).reshape(maps.shape)
 
 
 def subject_maps(maps: torch.Tensor, subjects: list[list[int]], eos: int, smooth=(3, 0.5)) -> torch.Tensor:

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StudioError
+from ..tokenizer import prompt_ids
 from .maps import layer_names, token_maps, word_maps
 from .result import AttentionResult
-from .tokens import prompt_ids
 from .view import View, render_view
 
 

@@ -13,11 +13,22 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import StudioError
+from ..tokenizer import Word, prompt_words, token_positions
 from .result import AttentionResult
-from .tokens import Word, resolve_words
 
 BLOCKS = ("down", "mid", "up")
 NORMALIZATIONS = ("word", "range", "global", "absolute")
+
+
+def resolve_words(tokenizer, prompt: str, words=None, special: bool = False) -> list[Word]:
+    """The given words (comma-separated or a list), or every word of the prompt."""
+    words = [w for w in (words.split(",") if isinstance(words, str) else words or []) if str(w).strip()]
+    if words:
+        return [Word(str(w).strip(), tuple(token_positions(tokenizer, prompt, w))) for w in words]
+    found = prompt_words(tokenizer, prompt, special)
+    if not found:
+        raise StudioError("the prompt has no words to show maps for")
+    return found
 
 
 @dataclass(frozen=True)

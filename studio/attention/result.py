@@ -10,9 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..capture import AttentionSession
 from ..errors import StudioError
-from .capture import AttentionSession, block_of
-from .tokens import Word, prompt_words
+from ..tokenizer import Word, prompt_words
+
+
+def block_of(name: str) -> str:
+    """'down', 'mid' or 'up': where in the UNet a processor name lives."""
+    return "down" if name.startswith("down") else "up" if name.startswith("up") else "mid"
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..capture import capture
 from ..errors import StudioError
 from ..generation import GenerationRequest
-from .capture import capture
+from ..tokenizer import sequence_length
 from .control import AttentionGuidance, Control
 from .result import AttentionResult, from_session
-from .tokens import sequence_length
 
 
 @dataclass

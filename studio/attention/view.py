@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import StudioError
-from .maps import Selection, binarize, check_branch, normalize, summary, word_maps
+from .maps import Selection, binarize, check_branch, normalize, resolve_words, summary, word_maps
 from .render import grid, labelled, overlay, shown_image
 from .result import AttentionResult
-from .tokens import resolve_words
 
 
 @dataclass

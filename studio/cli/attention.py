@@ -56,12 +56,12 @@ def _ints(text: str, what: str) -> tuple[int, ...] | None:
 
 def command(args, manager) -> list:
     from ..attention.any_image import DEFAULT_TIMESTEP, image_maps
-    from ..attention.capture import cross_attention_resolutions
     from ..attention.control import Control, default_resolution, default_scale_factor, parse_weights
     from ..attention.export import export
+    from ..attention.maps import resolve_words
     from ..attention.run import CaptureOptions, generate_with_maps
-    from ..attention.tokens import resolve_words
     from ..attention.view import View
+    from ..capture import cross_attention_resolutions
 
     heads = args.head is not None
     resolve_words(manager.pipe.tokenizer, args.prompt, args.words)  # a bad word fails before any work

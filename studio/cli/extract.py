@@ -14,11 +14,11 @@ import numpy as np
 from PIL import Image
 
 from .. import models
-from ..customize.images import TrainingImage
 from ..errors import StudioError
 from ..images import fit_mask, load_rgb, open_image, to_tensor
 from ..extract.break_a_scene import extract_concepts
 from ..extract.localize import check_masks, find_concepts, prepare_image
+from ..training import TrainingImage
 from .common import add_outputs, progress, words, write_outputs
 
 

@@ -18,15 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import models, steering
-from ..attention.capture import attention_probs, grid_shape, project_qk
-from ..attention.control import STANDARD_PROCESSORS, gaussian_smooth
-from ..attention.tokens import prompt_ids
+from ..capture import STANDARD_PROCESSORS, attention_probs, gaussian_smooth, grid_shape, project_qk
 from ..checks import base_signature, check_base, known, number, whole
 from ..edits import EDIT_KINDS, Edit, edit_kind, find_tensor, module_slot
-from ..erase.text import encode
 from ..errors import StudioError
 from ..fingerprint import edit_digest
-from .concept import check_strength, install_tokens, token_names, weight_delta
+from ..tokenizer import prompt_ids, token_names
+from .concept import check_strength, weight_delta
 from .scope import PromptWords
 from .train import DEFAULT_TEMPLATES, fill, kv_modules
 
@@ -74,7 +72,8 @@ def reg_gram(pipe, prompts: list[str]) -> torch.Tensor:
     """Σ c cᵀ over every position but SOS of every caption (what the UNet's K/V see): d x d, float64."""
     gram = 0
     for i in range(0, len(prompts), 50):
-        x = encode(pipe, prompts[i:i + 50])[:, 1:].reshape(-1, pipe.text_encoder.config.hidden_size).double().cpu()
+        x = models.of(pipe).encode(prompts[i:i + 50]).embeds.float()[:, 1:]
+        x = x.reshape(-1, pipe.text_encoder.config.hidden_size).double().cpu()
         gram = gram + x.T @ x
     return gram
 
@@ -88,7 +87,7 @@ def token_features(pipe, concept: Edit, templates) -> torch.Tensor:
         token = concept.params["token"]
         ids = set(pipe.tokenizer.convert_tokens_to_ids(token_names(token, len(concept.tensors["embedding"]))))
         prompts = [models.of(pipe).spelled(fill(t, token)) for t in templates]
-        emb = encode(pipe, prompts)
+        emb = models.of(pipe).encode(prompts).embeds.float()
         rows = [emb[i, j] for i, p in enumerate(prompts)
                 for j, t in enumerate(prompt_ids(pipe.tokenizer, p)) if t in ids]
         return torch.stack(rows).double().cpu()
@@ -179,7 +178,7 @@ def apply_merge(pipe, params: dict, tensors: dict, patch) -> None:
             raise StudioError(f"this merge lacks a valid change of {name}: it is damaged; merge the concepts again")
         patch.write(name, w.float() + delta.to(w.device).reshape(w.shape))
     for i, token in enumerate(params.get("tokens", [])):
-        install_tokens(pipe, token, tensors[f"embedding.{i}"], patch)
+        models.of(pipe).install_tokens(token, tensors[f"embedding.{i}"], patch)
 
 
 # -- (b) weighted adapters (peft, unfused) -----------------------------------------------------------
@@ -265,7 +264,7 @@ def apply_adapters(pipe, params: dict, tensors: dict, patch) -> None:
         patch.set_attr(parent, attr, layer)
     for i, e in enumerate(entries):
         if e.get("token") is not None:
-            install_tokens(pipe, e["token"], tensors[f"{i}/embedding"], patch)
+            models.of(pipe).install_tokens(e["token"], tensors[f"{i}/embedding"], patch)
 
 
 # -- steering: what (c) and (d) share --------------------------------------------------------------

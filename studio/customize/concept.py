@@ -1,8 +1,8 @@
 """A learned concept as one edit: new token(s) in the vocabulary plus optional weight changes.
 
-The token is added as diffusers' textual-inversion loader adds it ("<x>" of several vectors becomes "<x>",
-"<x>_1", ..., which the pipeline expands in prompts), but through the edit stack: a copy of the tokenizer and
-a grown copy of the input embedding are swapped in with `patch.set_attr`, so undo is bit-identical.
+The token is added by the model layer (`install_tokens`) as diffusers' textual-inversion loader adds it ("<x>"
+of several vectors becomes "<x>", "<x>_1", ..., which the pipeline expands in prompts), but through the edit stack,
+so undo is bit-identical.
 
 Params: "token" (None for a weights-only concept such as an imported LoRA), "more_tokens" (learned together;
 vectors "embedding.1", ...), "modules" (the changed weights), "strength", "base_model" (optional). Tensors:
@@ -11,69 +11,18 @@ vectors "embedding.1", ...), "modules" (the changed weights), "strength", "base_
 """
 from __future__ import annotations
 
-import copy
 import math
-import re
 
 import torch
-from torch import nn
 
+from .. import models
 from ..checks import base_signature, check_base, number  # noqa: F401  (base_signature: for importers)
-from ..edits import Edit, edit_kind, module_slot
+from ..edits import Edit, edit_kind
 from ..errors import StudioError
+from ..training import concept_label
 from .scope import check_scope, install_scoped
 
-TOKEN_PATTERN = re.compile(r"^[^\s,]{1,40}$")
 MAX_VECTORS = 16
-
-
-def token_names(token: str, vectors: int) -> list[str]:
-    """The vocabulary entries of a concept, as diffusers' textual-inversion loader names them."""
-    return [token] + [f"{token}_{i}" for i in range(1, vectors)]
-
-
-def check_token(tokenizer, token) -> str:
-    """The token string, or a StudioError saying why it cannot name a new concept (tokenizer None: the
-    spelling only)."""
-    token = str(token or "").strip()
-    if not token:
-        raise StudioError("the concept needs a token to call it by, e.g. <my-cat>")
-    if not TOKEN_PATTERN.match(token):
-        raise StudioError(f"token {token!r} must be one word of at most 40 characters, without spaces or commas")
-    if tokenizer is None:
-        return token
-    if token in getattr(tokenizer, "added_tokens_encoder", {}):
-        raise StudioError(f"{token!r} is already in the vocabulary (an applied concept added it): undo that concept "
-                          f"or pick a new name such as <{token.strip('<>')}-1>")
-    vocab = tokenizer.get_vocab()
-    if token.lower() in vocab or token.lower() + "</w>" in vocab:
-        raise StudioError(f"{token!r} is already a word the model knows; a new token must be new, e.g. "
-                          f"<{token.strip('<>')}>")
-    return token
-
-
-def install_tokens(pipe, token: str, vectors: torch.Tensor, patch) -> list[int]:
-    """Add `token` (and its extra vector names) with `vectors` as input embeddings; returns their ids."""
-    names = token_names(check_token(pipe.tokenizer, token), len(vectors))
-    tokenizer = copy.deepcopy(pipe.tokenizer)
-    tokenizer.add_tokens(names)
-    ids = tokenizer.convert_tokens_to_ids(names)
-    old = pipe.text_encoder.get_input_embeddings()
-    if vectors.shape[-1] != old.embedding_dim:
-        raise StudioError(f"the concept's embedding has width {vectors.shape[-1]}, this text encoder's is "
-                          f"{old.embedding_dim}: it was learned on another model")
-    grown = nn.Embedding(len(tokenizer), old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-    with torch.no_grad():
-        grown.weight[: old.num_embeddings] = old.weight
-        grown.weight[old.num_embeddings:] = old.weight.mean(0)  # ids between the old size and ours, if any
-        grown.weight[ids] = vectors.to(old.weight)
-    grown.requires_grad_(old.weight.requires_grad)
-    owner = next(n for n, m in pipe.text_encoder.named_modules() if m is old)
-    parent, attr, _ = module_slot(pipe, f"text_encoder.{owner}.weight")
-    patch.set_attr(pipe, "tokenizer", tokenizer)
-    patch.set_attr(parent, attr, grown)
-    patch.set_attr(pipe.text_encoder.config, "vocab_size", len(tokenizer))
-    return ids
 
 
 def factors(tensors: dict, name: str, shape) -> tuple | None:
@@ -115,13 +64,6 @@ def check_strength(strength) -> float:
     return number("concept strength", strength, -10, 10)
 
 
-def concept_label(params: dict) -> str:
-    tokens = ", ".join([params.get("token") or params.get("name", "adapter"), *params.get("more_tokens", [])])
-    label = f"learn {tokens} ({params.get('method', '?')})"
-    s = params.get("strength", 1.0)
-    return label if s == 1.0 else f"{label} x{s:g}"
-
-
 def with_strength(edit: Edit, strength: float | None = None, scope: str | None = None) -> Edit:
     """The same concept with its weight changes at another strength and/or scope (the token is unchanged)."""
     if edit.kind != "learned_concept":
@@ -157,9 +99,9 @@ def apply_learned_concept(pipe, params: dict, tensors: dict, patch) -> None:
     if scoped:
         install_scoped(pipe, params, tensors, scoped, strength, patch)
     if params.get("token") is not None:
-        install_tokens(pipe, params["token"], embedding, patch)
+        models.of(pipe).install_tokens(params["token"], embedding, patch)
     for i, token in enumerate(params.get("more_tokens", []), 1):  # concepts extracted together share one edit
         vectors = tensors.get(f"embedding.{i}")
         if vectors is None or vectors.dim() != 2:
             raise StudioError(f"this concept lacks the embedding of {token}: it is damaged; extract it again")
-        install_tokens(pipe, token, vectors, patch)
+        models.of(pipe).install_tokens(token, vectors, patch)

@@ -26,7 +26,9 @@ from ..edit_files import read_tensors, save_tensors
 from ..edits import Edit, find_tensor
 from ..errors import StudioError
 from ..lora_export import lora_from_changes, save_lora, skipped_text
-from .concept import MAX_VECTORS, check_strength, check_token, concept_label, weight_delta
+from ..tokenizer import check_token
+from ..training import concept_label
+from .concept import MAX_VECTORS, check_strength, weight_delta
 from .scope import check_scope
 
 FORMATS = ("embedding", "lora", "custom_diffusion")

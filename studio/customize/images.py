@@ -6,23 +6,13 @@ the token goes (else it goes in front). Masks (for extraction) are optional and 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from ..errors import StudioError
 from ..images import load_rgb, square, to_tensor
+from ..training import TrainingImage
 
 MIN_IMAGES, MAX_IMAGES = 3, 50
-
-
-@dataclass
-class TrainingImage:
-    tensor: torch.Tensor  # [3, R, R] in [-1, 1]
-    caption: str | None = None
-    name: str = ""
-    mask: torch.Tensor | None = field(default=None, repr=False)  # [R, R] in {0, 1}
 
 
 def named(source) -> tuple[str, str | None]:

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import models, steering
-from ..attention.tokens import prompt_ids, token_positions
 from ..edits import module_slot
 from ..errors import StudioError
 from ..fingerprint import edit_digest
+from ..tokenizer import prompt_ids, token_positions
 
 SCOPES = {"prompt": "prompts that use its token", "always": "every prompt (merged into the weights)"}
 

@@ -25,9 +25,10 @@ from ..checks import base_signature, number, whole
 from ..edits import Edit, Patch
 from ..errors import StudioError
 from ..generation import GenerationRequest, parse_seed
-from ..training import LORA_TARGETS, Preview, Progress, TokenHook, check_no_adapters, is_toy
-from .concept import MAX_VECTORS, check_token, concept_label, install_tokens
-from .images import TrainingImage
+from ..tokenizer import check_token
+from ..training import (LORA_TARGETS, Preview, Progress, TokenHook, TrainingImage, check_no_adapters, concept_label,
+                        is_toy)
+from .concept import MAX_VECTORS
 from .scope import check_scope
 
 METHODS = {"ti": "Textual Inversion", "custom_diffusion": "Custom Diffusion (token + K/V)", "lora": "LoRA (peft)"}
@@ -125,7 +126,7 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
         init = initial_vectors(pipe, class_word, vectors, cross_init)
         patch = Patch(pipe)
         cleanup.callback(patch.undo)
-        ids = install_tokens(pipe, token, init, patch)
+        ids = models.of(pipe).install_tokens(token, init, patch)
         token_hook = TokenHook(family.text_encoders[0].get_input_embeddings(), ids, init)
         cleanup.callback(token_hook.handle.remove)
         trainables = {"embedding": token_hook.vectors}

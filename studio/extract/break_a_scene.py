@@ -17,14 +17,13 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from .. import models, steering, training
-from ..attention.capture import CaptureProcessor, attention_probs, cross_attention_resolutions, project_qk
+from ..capture import CaptureProcessor, attention_probs, cross_attention_resolutions, project_qk
 from ..checks import base_signature, number, whole
-from ..customize.concept import check_token, concept_label, install_tokens
-from ..customize.images import TrainingImage
 from ..edits import Edit, Patch
 from ..errors import StudioError
 from ..generation import GenerationRequest, parse_seed
-from ..training import LORA_TARGETS, TokenHook, check_no_adapters, is_toy
+from ..tokenizer import check_token
+from ..training import LORA_TARGETS, TokenHook, TrainingImage, check_no_adapters, concept_label, is_toy
 
 # published: phase 1 lr 5e-4 (tokens), phase 2 lr 2e-6 (full UNet + tokens); with a LoRA we use 1e-4.
 # Toy model: attention weight 0.1 (bench_extract, scene 11: the second token's shape 38% -> 100% vs 1e-2)
@@ -130,7 +129,7 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
         patch = Patch(pipe)
         cleanup.callback(patch.undo)
         init = family.text_encoders[0].get_input_embeddings().weight.mean(0).float().cpu()[None]
-        ids = [install_tokens(pipe, t, init, patch)[0] for t in tokens]
+        ids = [models.of(pipe).install_tokens(t, init, patch)[0] for t in tokens]
         hook = TokenHook(family.text_encoders[0].get_input_embeddings(), ids, init.expand(len(ids), -1))
         cleanup.callback(hook.handle.remove)
         maps = AttentionMaps.install(patch, pipe, attn_res)

@@ -16,13 +16,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .. import models
-from ..attention.any_image import encoded, noised, noising
-from ..attention.capture import capture
-from ..attention.tokens import sequence_length
+from ..capture import capture, encoded, noised, noising
 from ..checks import whole
 from ..errors import StudioError
 from ..generation import parse_seed
 from ..images import crop_box, load_rgb, open_image, square
+from ..tokenizer import sequence_length
 
 DEFAULT_TIMESTEP = 200
 DEFAULT_CLUSTERS = 6

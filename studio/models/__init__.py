@@ -18,6 +18,7 @@ they ask `models.of(pipe)` for a family object bound to the pipeline and use its
 | `lora_from_file(state, what)`         | SD-1 files' `lora_te1_`, original block names |
 | `custom_diffusion_keys()`             | diffusers' Custom Diffusion keys -> weights   |
 | `token_tables()`                      | the text encoder's input embedding table      |
+| `install_tokens(token, vectors, p)`   | new rows in it and the tokenizer, via Patch p |
 | `default_size`, `latent_shape(h, w)`  | sample_size x vae_scale_factor                |
 
 How the next families fill it (each is one more module and a toy model, no change above this layer):

@@ -6,14 +6,16 @@ encoded, so the studio's images are the pipeline's images bit for bit.
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from ..tokenizer import prompt_text
+from ..edits import module_slot
 from ..errors import StudioError
+from ..tokenizer import check_token, prompt_text, token_names
 
 VAE_BATCH = 8  # images per VAE call: bounds the activation memory of encoding many training images
 
@@ -226,6 +228,31 @@ class StableDiffusion:
     def token_tables(self) -> list[nn.Embedding]:
         """The input embedding tables a new token's vectors go into, one per tokenizer."""
         return [self.pipe.text_encoder.get_input_embeddings()]
+
+    def install_tokens(self, token: str, vectors: torch.Tensor, patch) -> list[int]:
+        """Add `token` (and its extra vector names) with `vectors` as input embeddings; returns their ids. Copies of
+        the tokenizer and of the grown embedding are swapped in with `patch.set_attr`: undo is bit-identical."""
+        pipe = self.pipe
+        names = token_names(check_token(pipe.tokenizer, token), len(vectors))
+        tokenizer = copy.deepcopy(pipe.tokenizer)
+        tokenizer.add_tokens(names)
+        ids = tokenizer.convert_tokens_to_ids(names)
+        old = pipe.text_encoder.get_input_embeddings()
+        if vectors.shape[-1] != old.embedding_dim:
+            raise StudioError(f"the concept's embedding has width {vectors.shape[-1]}, this text encoder's is "
+                              f"{old.embedding_dim}: it was learned on another model")
+        grown = nn.Embedding(len(tokenizer), old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            grown.weight[: old.num_embeddings] = old.weight
+            grown.weight[old.num_embeddings:] = old.weight.mean(0)  # ids between the old size and ours, if any
+            grown.weight[ids] = vectors.to(old.weight)
+        grown.requires_grad_(old.weight.requires_grad)
+        owner = next(n for n, m in pipe.text_encoder.named_modules() if m is old)
+        parent, attr, _ = module_slot(pipe, f"text_encoder.{owner}.weight")
+        patch.set_attr(pipe, "tokenizer", tokenizer)
+        patch.set_attr(parent, attr, grown)
+        patch.set_attr(pipe.text_encoder.config, "vocab_size", len(tokenizer))
+        return ids
 
     @classmethod
     def lora_key(cls, name: str) -> str:

@@ -141,9 +141,9 @@ def attention_iou(manager, specs: list[PromptSpec], seeds: int = SEEDS, steps: i
     """
     import torch
 
-    from ..attention.capture import capture
     from ..attention.maps import iou
-    from ..attention.tokens import token_positions
+    from ..capture import capture
+    from ..tokenizer import token_positions
 
     oracle = oracle or bundled_oracle()
     ious, chances = [], []

@@ -1,8 +1,7 @@
-"""Capture attention while every layer's output still comes from its own (SDPA) processor.
-
-A CaptureProcessor leaves the output untouched (images stay bit-identical) and adds softmax(scale
-* Q K^T) against the text tokens into a running sum per layer. Self-attention (N x N) is never
-formed: Q and K are kept at the steps asked for, a row is computed on demand.
+"""Attention capture, for every method that reads attention: each layer's output still comes from its own
+(SDPA) processor. A CaptureProcessor leaves the output untouched (images stay bit-identical) and adds
+softmax(scale * Q K^T) against the text tokens into a running sum per layer. Self-attention (N x N) is never
+formed: Q and K are kept at the steps asked for, a row is computed on demand. Any image: `noised`, `encoded`.
 """
 from __future__ import annotations
 
@@ -11,9 +10,14 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
-from .. import models, steering
-from ..errors import StudioError
+from . import models, steering
+from .checks import whole
+from .errors import StudioError
+from .images import to_tensor
+
+STANDARD_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")  # diffusers' SDPA: what project_qk reproduces
 
 
 def project_qk(attn, hidden_states: torch.Tensor, context: torch.Tensor | None = None):
@@ -36,6 +40,15 @@ def attention_probs(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (torch.matmul(q * attn.scale, k.transpose(-1, -2))).float().softmax(-1)
 
 
+def gaussian_smooth(maps: torch.Tensor, kernel: int = 3, sigma: float = 0.5) -> torch.Tensor:
+    """(..., h, w) smoothed by a normalized Gaussian, reflect-padded."""
+    x = torch.arange(kernel, dtype=maps.dtype, device=maps.device) - (kernel - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    k2 = torch.outer(g, g)
+    flat = F.pad(maps.reshape(-1, 1, *maps.shape[-2:]), (kernel // 2,) * 4, mode="reflect")
+    return F.conv2d(flat, (k2 / k2.sum())[None, None]).reshape(maps.shape)
+
+
 def levels(latent_hw) -> list[tuple[int, int]]:
     """The (h, w) of the UNet's levels: the latent halved (rounding up) level by level."""
     h, w = latent_hw
@@ -51,11 +64,6 @@ def grid_shape(n: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
     if side * side != n:
         raise StudioError(f"cannot tell the shape of an attention layer with {n} positions")
     return side, side
-
-
-def block_of(name: str) -> str:
-    """'down', 'mid' or 'up': where in the UNet a processor name lives."""
-    return "down" if name.startswith("down") else "up" if name.startswith("up") else "mid"
 
 
 class CrossAttentionStore:
@@ -225,3 +233,25 @@ def cross_attention_resolutions(unet) -> list[int]:
         depths.add(n - 1)
     side = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     return sorted({math.ceil(side / 2 ** k) for k in depths}, reverse=True)
+
+
+def noising(pipe, timestep, repeats) -> tuple[int, int]:
+    """The checked (timestep, repeats) of a noise-the-image-and-look pass."""
+    limit = pipe.scheduler.config.num_train_timesteps
+    return whole("timestep", timestep, 0, limit - 1), whole("repeats", repeats, 1, 16)
+
+
+def noised(model, picture, timestep: int, repeats: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`repeats` noise draws of the picture's latent at `timestep`, and t."""
+    pipe, dtype = model.pipe, model.denoiser.dtype
+    latent = model.encode_images(to_tensor(picture)[None])
+    noise = torch.randn((repeats, *latent.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
+    t = torch.tensor([timestep], device=pipe.device)
+    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(
+        latent.expand(repeats, -1, -1, -1).to(pipe.device, dtype), noise.to(pipe.device, dtype), t)
+    return noisy, t
+
+
+def encoded(model, prompts: list[str], repeats: int):
+    """Each prompt's conditioning `repeats` times, prompt after prompt."""
+    return models.Conditioning.cat([model.encode([p]).rows(torch.zeros(repeats, dtype=torch.long)) for p in prompts])
