@@ -71,7 +71,7 @@ def main() -> None:
     huge = [folder / f"huge-{i}.png" for i in range(args.images)]
     for i, path in enumerate(huge):  # a ramp, each picture its own colour: cheap to write, full size to decode
         Image.fromarray(np.stack([np.broadcast_to(ramp, (args.side, args.side)), np.full((args.side, args.side), 20 * i,
-                                  np.uint8), np.broadcast_to(ramp[:, None], (args.side, args.side))], -1)).save(path)
+                                  np.uint8), np.broadcast_to(ramp[:, None], (args.side, args.side))], -1)).save(path, compress_level=1)
     m = PipelineManager("builtin", device="cpu")
     m.pipe
     rows: list = []
