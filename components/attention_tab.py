@@ -27,8 +27,8 @@ from studio.attention.render import COLORMAPS, colorize
 from studio.attention.result import ResultCache
 from studio.attention.run import CaptureOptions, compare_control, generate_with_maps
 from studio.attention.selfattn import components, pixel_row
-from studio.capture import cross_attention_resolutions
 from studio.attention.view import View, render_view
+from studio import models
 from studio.generation import MAX_STEPS, SAMPLERS, GenerationRequest
 from studio.manager import PipelineManager
 
@@ -160,7 +160,7 @@ def after_run(cache: ResultCache, key):
 def build(manager: PipelineManager) -> SimpleNamespace:
     cache = ResultCache()
     pipe = manager.pipe
-    resolutions = cross_attention_resolutions(pipe.unet)
+    resolutions = models.of(pipe).attention_resolutions()
     res_choices = [str(r) for r in resolutions]
     with gr.Row():
         with gr.Column(scale=2):
@@ -186,7 +186,7 @@ def build(manager: PipelineManager) -> SimpleNamespace:
                 method = gr.Radio(["none", "attend-excite", "a-star"], value="none", label="Guidance")
                 subjects = gr.Textbox(label="Subject words (comma-separated)", value="circle, square")
                 with gr.Row():
-                    scale_factor = number(value=default_scale_factor(pipe.unet.config.sample_size),
+                    scale_factor = number(value=default_scale_factor(models.of(pipe).latent_side),
                                              label="Scale factor (published: 20)")
                     max_iter = number(value=25, precision=0, label="Steps to alter (of 50)")
                     resolution = gr.Dropdown(res_choices, value=str(default_resolution(resolutions)),

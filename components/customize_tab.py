@@ -190,8 +190,6 @@ def build(manager: PipelineManager) -> SimpleNamespace:
 
     @user_errors
     def on_compose(selected, how_, weights_):
-        from studio.customize import compose as methods  # noqa: F401 (registers the composition kinds)
-
         w = [float(x) for x in weights_.split(",") if x.strip()] or None
         entry = library.compose(manager, selected or [], "merge" if how_.startswith("Closed") else "adapters", w,
                                 presets.toy_reg_prompts() if toy else None)

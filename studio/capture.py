@@ -1,8 +1,4 @@
-"""Attention capture, for every method that reads attention: each layer's output still comes from its own
-(SDPA) processor. A CaptureProcessor leaves the output untouched (images stay bit-identical) and adds
-softmax(scale * Q K^T) against the text tokens into a running sum per layer. Self-attention (N x N) is never
-formed: Q and K are kept at the steps asked for, a row is computed on demand. Any image: `noised`, `encoded`.
-"""
+"""Attention capture with images bit-identical; self-attention keeps Q/K, as N x N per layer and step won't fit."""
 from __future__ import annotations
 
 import math
@@ -28,20 +24,14 @@ def project_qk(attn, hidden_states: torch.Tensor, context: torch.Tensor | None =
         context = attn.norm_encoder_hidden_states(context)
     q = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
     k = attn.to_k(context).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    return q, k
+    return q if attn.norm_q is None else attn.norm_q(q), k if attn.norm_k is None else attn.norm_k(k)
 
 
 def attention_probs(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(scale * Q K^T) in fp32: (B, H, N, M)."""
-    return (torch.matmul(q * attn.scale, k.transpose(-1, -2))).float().softmax(-1)
+    return torch.matmul(q * attn.scale, k.transpose(-1, -2)).float().softmax(-1)
 
 
 def gaussian_smooth(maps: torch.Tensor, kernel: int = 3, sigma: float = 0.5) -> torch.Tensor:
-    """(..., h, w) smoothed by a normalized Gaussian, reflect-padded."""
     x = torch.arange(kernel, dtype=maps.dtype, device=maps.device) - (kernel - 1) / 2
     g = torch.exp(-x ** 2 / (2 * sigma ** 2))
     k2 = torch.outer(g, g)
@@ -50,7 +40,6 @@ def gaussian_smooth(maps: torch.Tensor, kernel: int = 3, sigma: float = 0.5) -> 
 
 
 def levels(latent_hw) -> list[tuple[int, int]]:
-    """The (h, w) of the UNet's levels: the latent halved (rounding up) level by level."""
     h, w = latent_hw
     return [(math.ceil(h / 2 ** k), math.ceil(w / 2 ** k)) for k in range(8)]
 
@@ -67,13 +56,12 @@ def grid_shape(n: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
 
 
 class CrossAttentionStore:
-    """Per layer, summed cross-attention sums[name] (rows, [H,] N, T) and, with `per_step`, head means
-    per step steps[name]. Rows: the conditional half (all with `negative`); T: the first `tokens`."""
+    """Per layer, summed maps (rows, [H,] N, T) and with `per_step` the head means per step."""
 
-    def __init__(self, negative: bool = False, heads: bool = False, per_step: bool = False,
-                 tokens: int | None = None, step_dtype: torch.dtype = torch.float16):
-        self.negative, self.heads, self.per_step = negative, heads, per_step
-        self.tokens, self.step_dtype = tokens, step_dtype
+    step_dtype = torch.float16  # per-step maps: half the memory of fp32
+
+    def __init__(self, negative: bool = False, heads: bool = False, per_step: bool = False, tokens: int | None = None):
+        self.negative, self.heads, self.per_step, self.tokens = negative, heads, per_step, tokens
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.steps: dict[str, list[torch.Tensor]] = {}
@@ -81,19 +69,14 @@ class CrossAttentionStore:
         self._step: dict[str, list[torch.Tensor]] = {}
 
     def accumulate(self, name: str, probs: torch.Tensor) -> None:
-        """probs: (rows, heads, queries, tokens) of the captured rows only."""
         p = probs[..., :self.tokens] if self.tokens else probs
         p = p.float() if self.heads else p.float().mean(1)
-        if name in self.sums:
-            self.sums[name] += p
-            self.counts[name] += 1
-        else:
-            self.sums[name], self.counts[name] = p.clone(), 1
+        self.sums[name] = self.sums[name] + p if name in self.sums else p
+        self.counts[name] = self.counts.get(name, 0) + 1
         if self.per_step:
             self._step.setdefault(name, []).append(p.mean(1) if self.heads else p)
 
     def step_end(self) -> None:
-        """Close one denoising step: keep its head-averaged maps (per_step only)."""
         for name, ps in self._step.items():
             self.steps.setdefault(name, []).append((sum(ps) / len(ps)).to(self.step_dtype))
         self._step.clear()
@@ -116,8 +99,7 @@ class CrossAttentionStore:
 
 
 class AttentionSession:
-    """One capture and a sampling hook: the store, the step, the plugins (given `.session`, they may add
-    start/step_end and `wrap` processors). mode "guide": guide maps only."""
+    """One capture, as a sampling hook; plugins (given `.session`) may add start, step_end and wrap."""
 
     def __init__(self, cross: CrossAttentionStore, self_steps=(), plugins=()):
         self.cross, self.self_steps, self.plugins = cross, set(self_steps), list(plugins)
@@ -131,13 +113,11 @@ class AttentionSession:
         self.geometry = cross.geometry  # shared with the store
 
     def begin(self, cfg: bool, latent_hw: tuple[int, int]) -> None:
-        """The coming passes' batch layout ([negative, prompt] with cfg) and latent size."""
         self.cfg, self.latent_hw, self.step = cfg, tuple(latent_hw), 0
         self.cross.negative = self.cross.negative and cfg  # no guidance: no negative half
 
     def start(self, pipe, request, latents, tick=None):
-        self.begin(request.guidance > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None,
-                   latents.shape[-2:])
+        self.begin(models.of(pipe).guided(request.guidance), latents.shape[-2:])
         for p in self.plugins:
             if hasattr(p, "start"):
                 latents = p.start(pipe, request, latents)
@@ -155,7 +135,6 @@ class AttentionSession:
         return slice(batch // 2, None) if self.cfg else slice(None)
 
     def wrap(self, site: str, attn, proc):
-        """A site's processor while capturing (plugins wrap cross-attention first)."""
         if attn.is_cross_attention:
             for p in self.plugins:
                 if hasattr(p, "wrap"):
@@ -186,23 +165,20 @@ class AttentionSession:
 
 
 class CaptureProcessor:
-    """Wraps a layer's processor: its output untouched, the session fed on the side."""
 
     def __init__(self, base, session: AttentionSession, name: str):
         self.base, self.session, self.name = base, session, name
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
         if hidden_states.ndim == 3 and attn.group_norm is None and attn.spatial_norm is None:
             if encoder_hidden_states is not None:
                 self.session.on_cross(self.name, attn, hidden_states, encoder_hidden_states)
             else:
                 self.session.on_self(self.name, attn, hidden_states)
-        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        return self.base(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
 
 
 def install(patch, pipe, session: AttentionSession) -> None:
-    """The session's processors and sampling hook, as steering slots of `patch`."""
     sites = models.of(pipe).attention_sites(cross=None if session.self_steps else True)
     steering.install(patch, pipe, "attention", "attention capture", session, sites)
     steering.install(patch, pipe, "sampling", "attention capture", session)
@@ -210,7 +186,7 @@ def install(patch, pipe, session: AttentionSession) -> None:
 
 @contextmanager
 def capture(manager, **options):
-    """Capture attention in the block's generations (lock held); yields `new_session(**options)`."""
+    """Capture attention in the block's generations (lock held); yields the session."""
     with manager.lock, steering.temporary(manager.pipe) as patch:
         session = new_session(**options)
         install(patch, manager.pipe, session)
@@ -219,39 +195,22 @@ def capture(manager, **options):
 
 def new_session(per_step: bool = False, heads: bool = False, negative: bool = False, tokens: int | None = None,
                 self_steps=(), plugins=()) -> AttentionSession:
-    """A session capturing cross-attention, and self-attention Q/K at `self_steps`."""
     return AttentionSession(CrossAttentionStore(negative, heads, per_step, tokens), self_steps, plugins)
 
 
-def cross_attention_resolutions(unet) -> list[int]:
-    """Heights of the UNet's cross-attention layers at its default size (finest first)."""
-    cfg = unet.config
-    n = len(cfg.block_out_channels)
-    depths = {i for i, t in enumerate(cfg.down_block_types) if "CrossAttn" in t}
-    depths |= {n - 1 - j for j, t in enumerate(cfg.up_block_types) if "CrossAttn" in t}
-    if cfg.mid_block_type and "CrossAttn" in cfg.mid_block_type:
-        depths.add(n - 1)
-    side = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    return sorted({math.ceil(side / 2 ** k) for k in depths}, reverse=True)
-
-
 def noising(pipe, timestep, repeats) -> tuple[int, int]:
-    """The checked (timestep, repeats) of a noise-the-image-and-look pass."""
     limit = pipe.scheduler.config.num_train_timesteps
     return whole("timestep", timestep, 0, limit - 1), whole("repeats", repeats, 1, 16)
 
 
 def noised(model, picture, timestep: int, repeats: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`repeats` noise draws of the picture's latent at `timestep`, and t."""
     pipe, dtype = model.pipe, model.denoiser.dtype
     latent = model.encode_images(to_tensor(picture)[None])
     noise = torch.randn((repeats, *latent.shape[1:]), generator=torch.Generator("cpu").manual_seed(seed))
     t = torch.tensor([timestep], device=pipe.device)
-    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(
-        latent.expand(repeats, -1, -1, -1).to(pipe.device, dtype), noise.to(pipe.device, dtype), t)
-    return noisy, t
+    return DDPMScheduler.from_config(pipe.scheduler.config).add_noise(
+        latent.expand(repeats, -1, -1, -1).to(pipe.device, dtype), noise.to(pipe.device, dtype), t), t
 
 
 def encoded(model, prompts: list[str], repeats: int):
-    """Each prompt's conditioning `repeats` times, prompt after prompt."""
     return models.Conditioning.cat([model.encode([p]).rows(torch.zeros(repeats, dtype=torch.long)) for p in prompts])

@@ -1,6 +1,4 @@
-"""What every module checks the same way, written once: numbers from a user or a file, the model a
-saved thing was made on, and a file write that never leaves half a file. Core: imports no feature package.
-"""
+"""Checks written once: numbers from a user or a file, the model a saved thing was made on, atomic writes."""
 from __future__ import annotations
 
 import math
@@ -12,12 +10,9 @@ from .errors import StudioError
 from .fingerprint import tensor_digest
 
 
-# -- numbers ------------------------------------------------------------------------------------
 def _float(v) -> float | None:
-    if isinstance(v, bool):  # True is not a number a user meant
-        return None
     try:
-        return float(v)
+        return None if isinstance(v, bool) else float(v)  # True is not a number a user meant
     except (TypeError, ValueError, OverflowError):
         return None
 
@@ -34,8 +29,6 @@ def _outside(f, lo, hi, lo_open: bool = False) -> bool:
 
 
 def number(name: str, v, lo=None, hi=None, *, lo_open: bool = False) -> float:
-    """`v` (a number or numeric text) as a finite float from lo to hi (above lo with `lo_open`);
-    otherwise a StudioError that names `name` and the range."""
     bounds, f = _bounds(lo, hi, lo_open), _float(v)
     if f is None or not math.isfinite(f):
         raise StudioError(f"{name} must be a finite number{bounds} (got {v!r})")
@@ -55,33 +48,26 @@ def whole(name: str, v, lo=None, hi=None) -> int:
 
 
 def known(params: dict, allowed, what: str) -> None:
-    """Refuse parameters no version of the edit ever had (a typo, a damaged or foreign file)."""
-    unknown = set(params) - set(allowed)
-    if unknown:
+    """Refuse parameters no version of the edit ever had (a typo, a foreign file)."""
+    if unknown := set(params) - set(allowed):
         raise StudioError(f"unknown {what} parameter(s): {', '.join(sorted(unknown))}")
 
 
-# -- the base model -----------------------------------------------------------------------------
 def base_signature(pipe) -> str:
-    """A short signature of the base model (its UNet's input convolution, which no edit touches): a
-    concept learned on one model is refused on another instead of silently producing noise."""
+    """The UNet's input convolution (no edit touches it): what is learned on one model is refused on another."""
     return tensor_digest(pipe.unet.conv_in.weight)[:16]
 
 
 def check_base(pipe, params: dict, what: str | None = None,
                fix: str = "load that model, or train the concept again here") -> None:
-    """Refuse on this model what was made on another one (params["base_model"], if recorded)."""
     base = params.get("base_model")
     if base and base != (here := base_signature(pipe)):
         what = what or f"{params.get('token') or 'this concept'} was learned"
         raise StudioError(f"{what} on another model (signature {base}, this one is {here}): {fix}")
 
 
-# -- files --------------------------------------------------------------------------------------
 def write_atomically(path, write) -> Path:
-    """Call write(tmp) on a temporary name beside `path` (unique, so two writers never share it), flush it
-    to disk, then rename it over `path`: a crash at any moment leaves either the old file or the new one,
-    never a half-written file. A failed write removes the temporary file."""
+    """write(tmp) beside `path`, fsync, rename: a crash leaves the old file or the new one, never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")

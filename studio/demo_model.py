@@ -1,10 +1,5 @@
-"""A tiny Stable-Diffusion-architecture pipeline built from configs, with random weights.
-
-It is the fallback built-in model while no trained toy model is bundled: every code path
-(CLIP BPE tokenizer, CLIPTextModel, UNet2DConditionModel with cross-attention at two
-resolutions, AutoencoderKL) is the one real checkpoints take, but it knows nothing, so its
-images are noise-like. Built deterministically: the same seed gives bit-identical weights.
-"""
+"""Stable-Diffusion-architecture pipelines built from configs with seeded random weights: the built-in model
+when no toy model is bundled (real code paths, but it knows nothing), and SD-1.5's real cost for benchmarks."""
 from __future__ import annotations
 
 import torch
@@ -29,15 +24,13 @@ VAE_CONFIG = dict(
     block_out_channels=(32, 64, 64), norm_num_groups=32,
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
 )
-# The SD-1.x architecture (CLIP ViT-L/14 text encoder, 860M UNet, 84M VAE): the real cost, random weights.
+# The SD-1.x architecture (CLIP ViT-L/14 text encoder, 860M UNet, 84M VAE)
 SD15_TEXT_CONFIG = dict(TEXT_CONFIG, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                         num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu")
-SD15_UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
+SD15_UNET_CONFIG = dict(UNET_CONFIG, sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                        attention_head_dim=8, cross_attention_dim=768,
+                        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 SD15_VAE_CONFIG = dict(VAE_CONFIG, sample_size=512, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 ARCHITECTURES = {"tiny": (TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG), "sd15": (SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG)}

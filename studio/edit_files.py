@@ -1,10 +1,5 @@
-"""Edit files: a stack of edits saved as one .safetensors (input tensors) with JSON metadata.
-
-A file records each edit's kind, parameters and input tensors, plus digests of the tensors it
-read and wrote. Loading re-applies the edits with their kinds' functions, so the same file
-works on the same model after a restart (same digests, same fingerprint) and on another model
-of the same architecture (the closed forms are recomputed there, as SPM transfers adapters).
-"""
+"""Edit files: edits (kind, parameters, input tensors, digests of what they changed) in one .safetensors.
+Loading re-applies them, so a file works after a restart and on another model of the same architecture."""
 from __future__ import annotations
 
 import json
@@ -36,31 +31,26 @@ class SavedEdit:
 class EditFile:
     edits: list[SavedEdit]
     position: int  # how many of `edits` were applied; the rest could be redone
-    model: str = ""  # the model source the history was made on ("" for plain edit files)
 
 
 def save_edits(entries: list[Entry], path: str | Path, position: int | None = None, model: str = "") -> Path:
-    """Save `entries`. A plain edit file holds applied edits; a saved history (`position` given)
-    holds the whole stack, redo tail included, and may be empty."""
+    """Save `entries`: applied edits, or with `position` a saved history (redo tail included, maybe empty)."""
     if not entries and position is None:
         raise StudioError("there are no applied edits to save")
     tensors, records = {}, []
     for i, entry in enumerate(entries):
         e = entry.edit
         tensors.update({f"{i}/{name}": t for name, t in e.tensors.items()})
-        records.append(dict(
-            kind=e.kind, label=e.label, params=e.params, tensors=sorted(e.tensors),
-            originals={n: tensor_digest(t) for n, t in entry.patch.originals.items()},
-            results={n: tensor_digest(t) for n, t in entry.patch.results.items()},
-        ))
+        records.append(dict(kind=e.kind, label=e.label, params=e.params, tensors=sorted(e.tensors),
+                            originals={n: tensor_digest(t) for n, t in entry.patch.originals.items()},
+                            results={n: tensor_digest(t) for n, t in entry.patch.results.items()}))
     meta = {"format": FORMAT, "version": VERSION, "edits": json.dumps(records), "model": model,
             "position": len(entries) if position is None else position}
     return save_tensors(tensors, path, meta)
 
 
 def save_tensors(tensors: dict, path, metadata: dict | None = None) -> Path:
-    """Write tensors (CPU copies) and metadata (as text) as a .safetensors file, atomically: every file the
-    studio writes goes through here."""
+    """Write tensors and metadata (as text) as a .safetensors file, atomically (every file the studio writes)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {k: str(v) for k, v in (metadata or {}).items()}
     return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -88,8 +78,9 @@ def load_edit_file(path: str | Path) -> EditFile:
     tensors, meta = read_tensors(path)
     if meta.get("format") != FORMAT:
         raise StudioError(f"{path.name} is a safetensors file but not a Concept Studio edit file")
-    if str(meta.get("version", 0)) not in {str(v) for v in range(VERSION + 1)}:
-        raise StudioError(f"{path.name} was saved by a newer Concept Studio, or is damaged (format {meta['version']!r})")
+    version = meta.get("version", "0")  # metadata values are text; files without one predate versions
+    if version not in [str(v) for v in range(VERSION + 1)]:
+        raise StudioError(f"{path.name} was saved by a newer Concept Studio, or is damaged (format {version!r})")
     try:
         records, position = json.loads(meta["edits"]), int(meta.get("position", -1))
         if not isinstance(records, list) or len(records) > MAX_EDITS:
@@ -99,15 +90,13 @@ def load_edit_file(path: str | Path) -> EditFile:
         raise StudioError(f"{path.name} is damaged or was not written by Concept Studio: {_reason(exc)}") from None
     if not 0 <= position <= len(saved):
         position = len(saved)
-    return EditFile(saved, position, str(meta.get("model", "")))
+    return EditFile(saved, position)
 
 
 def _reason(exc: Exception) -> str:
     if isinstance(exc, KeyError):
         return f"it has no {exc.args[0]!r} entry"
-    if isinstance(exc, RecursionError):
-        return "its metadata is nested too deeply"
-    return str(exc) or type(exc).__name__
+    return "its metadata is nested too deeply" if isinstance(exc, RecursionError) else str(exc) or type(exc).__name__
 
 
 def _saved_edit(r, i: int, tensors: dict) -> SavedEdit:
@@ -125,8 +114,7 @@ def _saved_edit(r, i: int, tensors: dict) -> SavedEdit:
 
 
 def backup_estimate(pipe, saved: list[SavedEdit]) -> int:
-    """Bytes the edits' undo backups will take (original and result of each tensor they change), from the
-    tensor names the file recorded; names this model lacks count nothing (such an edit fails by itself)."""
+    """Bytes the edits' undo backups will take (original and result of each tensor the file says they change)."""
     sizes = {n: p.numel() * p.element_size() for n, p in named_tensors(pipe).items()}
     return 2 * sum(sizes.get(n, 0) for s in saved for n in s.original_digests)
 

@@ -1,14 +1,6 @@
-"""The edit stack: every change to the model is an Edit whose Patch can be undone and redone exactly.
-
-An Edit is a value (kind, JSON parameters, input tensors such as trained adapter weights). Applying
-it runs its kind's function, which changes the model only through a Patch:
-- `patch.write(name, value)` copies into a parameter in place, after backing up the original on CPU
-  on first touch; the written result is kept on CPU too.
-- `patch.set_attr(obj, attr, value)` swaps an attribute (an attention processor, a module, the
-  tokenizer) for edits that change no weights.
-Undo copies the originals back and restores attributes; redo copies the stored results back.
-Nothing is ever undone by subtracting a delta, so any apply/undo/redo sequence is bit-exact.
-"""
+"""The edit stack: an Edit (kind, JSON parameters, input tensors) changes the model only through a Patch,
+which keeps the original and the result of every tensor it writes (on CPU) and every attribute it swaps:
+undo and redo copy them back, never subtract a delta, so any apply/undo/redo sequence is bit-exact."""
 from __future__ import annotations
 
 import itertools
@@ -49,9 +41,6 @@ class Edit:
     def title(self) -> str:
         return self.label or self.kind
 
-    def params_json(self) -> str:
-        return json.dumps(self.params, sort_keys=True)
-
 
 def find_tensor(pipe, name: str) -> torch.Tensor:
     """Resolve 'unet.down_blocks.0....weight' to the live parameter of the pipeline."""
@@ -81,21 +70,14 @@ def module_slot(pipe, name: str) -> tuple[Any, str, Any]:
 
 
 def named_tensors(pipe) -> dict[str, torch.Tensor]:
-    """Every parameter of the pipeline, keyed by its component-prefixed name."""
     return {f"{c}.{n}": p for c in COMPONENTS if getattr(pipe, c, None) is not None
             for n, p in getattr(pipe, c).named_parameters()}
-
-
-def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True)
 
 
 _ABSENT = object()
 
 
 class Patch:
-    """What one applied edit changed, with everything needed to undo and redo it exactly."""
-
     def __init__(self, pipe):
         self.pipe = pipe
         self.originals: dict[str, torch.Tensor] = {}
@@ -108,29 +90,26 @@ class Patch:
 
     def write(self, name: str, value: torch.Tensor) -> None:
         """Copy `value` into parameter `name` in place (backing up its original on first touch)."""
-        live = self._live.get(name)
-        if live is None:
-            live = find_tensor(self.pipe, name)
+        live = self._live[name] if name in self._live else find_tensor(self.pipe, name)
         if tuple(value.shape) != tuple(live.shape):
             raise StudioError(f"{name}: new value has shape {tuple(value.shape)}, the model has {tuple(live.shape)}")
         value = value.detach().to(device=live.device, dtype=live.dtype)
         if not torch.isfinite(value).all():
             raise EditError(f"{name}: the edit produced NaN or infinite values (a diverging solve?)")
         if name not in self.originals:
-            self.originals[name] = _cpu_copy(live)
+            self.originals[name] = live.detach().to("cpu", copy=True)
             self._live[name] = live
         with torch.no_grad():
             live.copy_(value)
 
     def set_attr(self, obj: Any, attr: str, value: Any) -> None:
-        """Swap an attribute (module, processor, tokenizer); undo puts the old object back (or removes an
-        attribute that was not there)."""
+        """Swap an attribute (module, processor, tokenizer); undo puts the old one back (or removes a new one)."""
         self._swaps.append((obj, attr, getattr(obj, attr, _ABSENT), value))
         setattr(obj, attr, value)
 
     def seal(self) -> None:
         """Record the written results once the edit's function has finished."""
-        self.results = {n: _cpu_copy(t) for n, t in self._live.items()}
+        self.results = {n: t.detach().to("cpu", copy=True) for n, t in self._live.items()}
 
     def undo(self) -> None:
         with torch.no_grad():
@@ -166,14 +145,11 @@ def toggled(edit: Edit) -> Edit:
                 label=f"(off) {edit.title}")
 
 
-_serials = itertools.count()
-
-
 @dataclass
 class Entry:
     edit: Edit
     patch: Patch
-    serial: int = field(default_factory=lambda: next(_serials))  # unique for the process's lifetime
+    serial: int = field(default_factory=itertools.count().__next__)  # unique for the process's lifetime
 
 
 class EditStack:
@@ -199,14 +175,11 @@ class EditStack:
             patch.seal()
         except BaseException as exc:
             patch.undo()
-            if isinstance(exc, (StudioError, JobStopped)):
+            if isinstance(exc, (StudioError, JobStopped)) or not isinstance(exc, Exception):
                 raise
             if isinstance(exc, torch.cuda.OutOfMemoryError):
-                raise EditError(f"{edit.title}: out of memory; the edit was rolled back. "
-                                "Free memory (fewer prompts, smaller batch) and try again.") from exc
-            if isinstance(exc, Exception):
-                raise EditError(f"{edit.title} failed and was rolled back: {exc}") from exc
-            raise
+                raise EditError(f"{edit.title}: out of memory (rolled back): try a smaller batch") from exc
+            raise EditError(f"{edit.title} failed and was rolled back: {exc}") from exc
         del self.entries[self.position:]
         entry = Entry(edit, patch)
         self.entries.append(entry)
@@ -230,7 +203,6 @@ class EditStack:
         return entry
 
     def goto(self, position: int) -> None:
-        """Undo or redo until `position` edits are applied."""
         if not 0 <= position <= len(self.entries):
             raise StudioError(f"history position {position} is outside 0..{len(self.entries)}")
         while self.position > position:
@@ -239,8 +211,7 @@ class EditStack:
             self.redo()
 
     def replace(self, index: int, edit: Edit) -> Entry:
-        """Put `edit` in place of applied entry `index` (1-based) and re-apply the applied edits after it
-        on top; all or nothing (on failure the old entries are redone exactly). The redo tail is kept."""
+        """Put `edit` in place of applied entry `index` (1-based), re-applying the later ones; all or nothing."""
         if not 1 <= index <= self.position:
             raise StudioError(f"edit #{index} is not applied (history has {self.position} applied)")
         old_entries, old_position = list(self.entries), self.position
@@ -261,6 +232,6 @@ class EditStack:
 
     def rows(self) -> list[dict]:
         """The history as the UI and CLI show it."""
-        return [dict(index=i + 1, edit=e.edit.title, kind=e.edit.kind, params=e.edit.params_json(),
+        return [dict(index=i + 1, edit=e.edit.title, kind=e.edit.kind, params=json.dumps(e.edit.params, sort_keys=True),
                      applied=i < self.position, backup_mb=round(e.patch.backup_bytes / 2**20, 3))
                 for i, e in enumerate(self.entries)]

@@ -1,8 +1,5 @@
-"""A fingerprint of the model state: parameters, tokenizer additions and installed hooks.
-
-Two pipelines with the same fingerprint generate the same images for the same request.
-Tests use it to check exact undo; the UI shows its first characters.
-"""
+"""A fingerprint of the model state (parameters, tokenizer additions, installed hooks): equal fingerprints,
+equal images for the same request."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +12,6 @@ from .edits import COMPONENTS, named_tensors
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """Hash of a tensor's dtype, shape and exact bytes."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

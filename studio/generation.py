@@ -1,8 +1,5 @@
-"""A generation request: validated settings, and seeded noise that does not depend on the device.
-
-Each image of a batch gets its own CPU generator seeded with seed + i, so image i is the same
-whether it is made alone or in a batch, on CPU or GPU (A1111's "CPU" RNG behaviour).
-"""
+"""A generation request: validated settings, and noise from one CPU generator per image (seed + i), so
+image i is the same alone or in a batch, on CPU or GPU (A1111's "CPU" RNG)."""
 from __future__ import annotations
 
 import random
@@ -33,14 +30,11 @@ def parse_seed(seed) -> int:
     if seed is None or (isinstance(seed, str) and not seed.strip()):
         seed = -1
     try:
-        value = whole("seed", seed)
+        value = whole("seed", seed, -1, MAX_SEED)
     except StudioError:
-        value = None
-    if value == -1:
-        return random.randint(0, MAX_SEED)
-    if value is None or not 0 <= value <= MAX_SEED:
-        raise StudioError(f"seed must be a whole number from 0 to {MAX_SEED}, or -1 for random (got {seed!r})")
-    return value
+        raise StudioError(f"seed must be a whole number from 0 to {MAX_SEED}, or -1 for random "
+                          f"(got {seed!r})") from None
+    return random.randint(0, MAX_SEED) if value == -1 else value
 
 
 @dataclass
@@ -57,7 +51,7 @@ class GenerationRequest:
     warnings: list[str] = field(default_factory=list)
 
     def validated(self, pipe) -> "GenerationRequest":
-        """A copy with defaults filled in and every field checked; raises StudioError on bad input."""
+        """A copy with defaults filled in and every field checked (a StudioError on bad input)."""
         model = models.of(pipe)
         default, multiple = model.default_size, model.size_multiple
         r = GenerationRequest(prompt_text(self.prompt), prompt_text(self.negative_prompt, "negative prompt"),
@@ -90,12 +84,10 @@ class GenerationRequest:
 
 def prompt_overflow(tokenizer, text: str, what: str) -> str | None:
     """A warning if `text` is longer than the text encoder reads (it is then truncated)."""
-    if not text:
-        return None
-    ids = tokenizer(text, truncation=False, verbose=False).input_ids
+    ids = tokenizer(text, truncation=False, verbose=False).input_ids if text else []
     limit = tokenizer.model_max_length
     if len(ids) <= limit:
         return None
     kept = " ".join(tokenizer.decode(ids[1 : limit - 1]).replace("</w>", " ").split())
     return (f"The {what} is {len(ids) - 2} tokens; the model reads {limit - 2}. "
-            f"It was truncated after: …{kept[-40:]!s}")
+            f"It was truncated after: …{kept[-40:]}")

@@ -1,14 +1,11 @@
-"""The simplest real weight edit: scale the parameters whose names match a pattern.
-
-It exists to exercise the edit stack end to end (and to dim or boost a layer by hand);
-the erasure, customization and extraction packages bring the useful edits.
-"""
+"""The simplest real weight edit: scale the parameters whose names match a pattern (to dim or boost a layer)."""
 from __future__ import annotations
 
 import time
 
 import regex
 
+from .checks import number
 from .edits import Edit, edit_kind, named_tensors
 from .errors import StudioError
 
@@ -16,8 +13,7 @@ MAX_TENSORS, MAX_PATTERN, MATCH_SECONDS = 512, 200, 1.0
 
 
 def matching(names, pattern: str) -> list[str]:
-    """The names `pattern` finds, with a bounded cost: a pattern is at most MAX_PATTERN characters and all
-    its matching takes at most MATCH_SECONDS (the `regex` engine's timeout), so no input holds the server."""
+    """The names `pattern` finds; its length and matching time are bounded, so no input holds the server."""
     if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN:
         raise StudioError(f"a layer pattern is text of at most {MAX_PATTERN} characters")
     try:
@@ -28,15 +24,12 @@ def matching(names, pattern: str) -> list[str]:
     try:
         return [n for n in names if rx.search(n, timeout=max(deadline - time.monotonic(), 1e-3))]
     except TimeoutError:
-        raise StudioError(f"layer pattern {pattern!r} takes over {MATCH_SECONDS:g} s to match: simplify it (nested "
-                          "repeats such as (a+)+ are the usual cause)") from None
+        raise StudioError(f"layer pattern {pattern!r} takes over {MATCH_SECONDS:g} s to match: simplify it") from None
 
 
 @edit_kind("scale")
 def apply_scale(pipe, params: dict, tensors: dict, patch) -> None:
-    pattern, factor = params.get("pattern", ""), params.get("factor")
-    if not isinstance(factor, (int, float)) or factor != factor or abs(factor) > 1e4:
-        raise StudioError(f"scale factor must be a finite number (got {factor!r})")
+    pattern, factor = params.get("pattern", ""), number("scale factor", params.get("factor"), -1e4, 1e4)
     names = matching(named_tensors(pipe), pattern) if pattern else []
     if not names:
         raise StudioError(f"no parameter name matches {pattern!r} (try e.g. 'attn2\\.to_v\\.weight')")

@@ -1,16 +1,15 @@
 """Where a model comes from: the built-in model, a diffusers folder, a hub id, or a single file.
-
-Pickle checkpoints (.ckpt/.pt/.pth/.bin) can run arbitrary code when loaded, so they are
-refused unless the user passes --allow-pickle.
-"""
+Pickle checkpoints can run arbitrary code when loaded: refused without --allow-pickle."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import models
 from .errors import StudioError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -68,16 +67,10 @@ def classify_source(source: str, allow_pickle: bool = False) -> str:
             raise StudioError(f"{path} is a folder but not a diffusers pipeline (no model_index.json in it)")
         return "folder"
     suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise StudioError(
-                f"refusing to load {path.name}: {suffix} checkpoints are Python pickles, which can run "
-                "arbitrary code when loaded. Convert it to .safetensors (load it once in a trusted "
-                "environment and save with safetensors), or pass --allow-pickle if you trust its source.")
-        if not path.is_file():
-            raise StudioError(f"checkpoint not found: {path}")
-        return "single-file"
-    if suffix == ".safetensors":
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise StudioError(f"refusing to load {path.name}: {suffix} checkpoints are pickles, which can run any code. "
+                          "Convert it to .safetensors, or pass --allow-pickle if you trust its source.")
+    if suffix in PICKLE_SUFFIXES or suffix == ".safetensors":
         if not path.is_file():
             raise StudioError(f"checkpoint not found: {path}")
         return "single-file"
@@ -89,12 +82,8 @@ def classify_source(source: str, allow_pickle: bool = False) -> str:
 
 def family_for(source, kind: str):
     """The model family that loads `source`: read from a diffusers folder's model_index.json; SD otherwise."""
-    from . import models
-
     if kind != "folder":
         return models.FAMILIES[0]
-    import json
-
     name = json.loads((Path(source).expanduser() / "model_index.json").read_text()).get("_class_name", "")
     for family in models.FAMILIES:
         if name in family.pipeline_names:
@@ -121,12 +110,8 @@ def load_pipeline(source: str = BUILTIN, device: str = "auto", dtype: str = "aut
     except Exception as exc:
         hint = " (no network? hub ids need one; a local folder or file does not)" if kind == "hub" else ""
         raise StudioError(f"could not load {source!r} as a Stable Diffusion pipeline{hint}: {exc}") from exc
-    for c in ("text_encoder", "unet", "vae"):  # every component in the asked dtype, whatever was saved
-        module = getattr(pipe, c).to(dev)
-        if module.dtype != dt:
-            module.to(dtype=dt)
+    for c in ("text_encoder", "unet", "vae"):  # on the device, in the asked dtype whatever was saved, frozen
+        getattr(pipe, c).to(dev).to(dtype=dt).requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
-    for c in ("text_encoder", "unet", "vae"):
-        getattr(pipe, c).requires_grad_(False).eval()
-    name = {"builtin-toy": BUILTIN, "builtin-demo": BUILTIN}.get(kind, source)
+    name = BUILTIN if kind.startswith("builtin") else source
     return pipe, ModelInfo(name, kind, str(dev), str(dt).replace("torch.", ""))

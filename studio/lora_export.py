@@ -1,13 +1,5 @@
-"""Export what the edits changed as a LoRA file other tools can load, or the whole edited model.
-
-A LoRA is portable (A1111, ComfyUI, diffusers `load_lora_weights`) and small: each changed Linear
-weight's delta is factored by a truncated SVD. Keys are kohya's, which those tools all read (the
-family's `lora_key`, + `.lora_down.weight`, `.lora_up.weight`, `.alpha`). Loaders scale each module by
-alpha/rank. One alpha is written for every module (the largest module rank) and `up` is pre-multiplied
-by rank/alpha where a module's rank was capped lower, because diffusers 0.42 drops per-module alphas of
-UNet attention layers (its alpha_pattern keys keep the old 'processor.to_k_lora' names and match
-nothing), which would silently mis-scale them.
-"""
+"""What the edits changed as a kohya-keyed LoRA (SVD of each Linear delta), or the whole model. One alpha for all
+modules, `up` pre-scaled where a rank was capped: diffusers 0.42 drops UNet attention layers' own alphas."""
 from __future__ import annotations
 
 import json
@@ -16,13 +8,14 @@ from pathlib import Path
 import torch
 
 from . import models, steering
+from .checks import whole
 from .edit_files import save_tensors
 from .edits import find_tensor
 from .errors import StudioError
 
 
 def weight_changes(manager, since: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """name -> (value before the applied edits after `since` touched it, current value), CPU copies."""
+    """name -> (value before the edits after `since`, current value), CPU copies."""
     with manager.lock:
         applied = manager.stack.applied
         if not 0 <= since <= len(applied):
@@ -36,12 +29,8 @@ def weight_changes(manager, since: int = 0) -> dict[str, tuple[torch.Tensor, tor
 
 
 def lora_from_changes(changes: dict, rank: int, pipe=None, factors: dict | None = None) -> tuple[dict, dict]:
-    """Factor each 2-D Linear weight delta at `rank`; `factors` ({name: (down, up)}, a concept's own LoRA)
-    go in as they are. What a LoRA cannot carry is skipped and listed in the report. With `pipe`, layer
-    types are checked exactly; without it, 2-D '.weight' tensors outside embeddings count as Linear (an
-    embedding table is 2-D but no loader applies a LoRA to it)."""
-    if not isinstance(rank, int) or rank < 1:
-        raise StudioError(f"LoRA rank must be a positive integer, got {rank!r}")
+    """Each 2-D Linear delta factored at `rank`, `factors` ({name: (down, up)}) as given; the rest skipped, reported."""
+    rank = whole("LoRA rank", rank, 1)
     family = models.of(pipe) if pipe is not None else models.StableDiffusion
     layers = set(family.lora_weights().values()) if pipe is not None else None
     factors, pairs, modules = factors or {}, {}, {}
@@ -83,13 +72,12 @@ def lora_from_changes(changes: dict, rank: int, pipe=None, factors: dict | None 
 
 
 def skipped_text(report: dict, n: int = 3) -> str:
-    """The first `n` skipped changes and why, for a message."""
     return "; ".join(f"{name}: {why}" for name, why in list(report["skipped"].items())[:n])
 
 
 def save_lora(state: dict, report: dict, path, rank: int, metadata: dict) -> Path:
-    """Write a LoRA from `lora_from_changes` with the kohya metadata A1111 and ComfyUI read."""
-    dim = str(report["alpha"])  # the largest rank actually used (a requested rank is capped at the layer's size)
+    """Write a LoRA with the kohya metadata A1111 and ComfyUI read."""
+    dim = str(report["alpha"])  # the largest rank used (a requested rank is capped at the layer's size)
     metadata = {**metadata, "ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": dim,
                 "studio_rank_requested": rank, "studio_error": f"{report['error']:.6g}"}
     if any(v.dim() == 4 for k, v in state.items() if k.endswith(".lora_down.weight")):
@@ -100,35 +88,30 @@ def save_lora(state: dict, report: dict, path, rank: int, metadata: dict) -> Pat
 
 
 def export_lora(manager, path, rank: int = 4, since: int = 0) -> dict:
-    """Write the applied edits after `since` as a kohya-style LoRA .safetensors; returns the report."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise StudioError(f"LoRA files are written as .safetensors; {path.name!r} has another extension")
     with manager.lock:
-        changes = weight_changes(manager, since)  # validates `since`
+        state, report = lora_from_changes(weight_changes(manager, since), rank, manager.pipe)
         entries = manager.stack.applied[since:]
-        state, report = lora_from_changes(changes, rank, manager.pipe)
-        titles = [e.edit.title for e in entries]
-        no_weights = [e.edit.title for e in entries if not e.patch.originals]
+        report["edits"] = [e.edit.title for e in entries]
+        report["not_exported_edits"] = [e.edit.title for e in entries if not e.patch.originals]  # e.g. processor swaps
     if not state:
         why = skipped_text(report, 5)
         raise StudioError("nothing to export: the applied edits changed no Linear weight of the UNet or text encoder"
                           + (f" ({why})" if why else " (apply a weight edit first)"))
-    report["edits"], report["not_exported_edits"] = titles, no_weights  # e.g. processor swaps change no weight
-    save_lora(state, report, path, rank, {"studio_edits": json.dumps(titles)})
+    save_lora(state, report, path, rank, {"studio_edits": json.dumps(report["edits"])})
     return report
 
 
 def export_pipeline(manager, folder) -> Path:
-    """Save the whole edited pipeline as a diffusers folder (safetensors), exact at any edit size."""
+    """The whole edited pipeline as a diffusers folder: exact at any edit size."""
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise StudioError(f"{folder} already exists and is not empty: choose a new or empty folder")
     with manager.lock:
-        acting = steering.describe(manager.pipe)
-        if acting:
-            raise StudioError(f"{'; '.join(acting)} act on generations without being in the weights a saved pipeline "
-                              "holds: undo them, or set a learned concept's scope to 'every prompt' first, or export "
-                              "it as embedding + LoRA from the Customize tab")
+        if acting := steering.describe(manager.pipe):
+            raise StudioError(f"{'; '.join(acting)} act on generations but are not in the weights: undo them, set "
+                              "a concept's scope to 'every prompt', or export it as embedding + LoRA (Customize tab)")
         manager.pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -1,14 +1,5 @@
-"""PipelineManager: the one GPU-resident pipeline of a process, its lock and its edit stack.
-
-Every job that touches the model (generate, edit, train, capture) runs inside `manager.job()`,
-which holds the one lock, so a generation never sees a half-applied edit and two browser tabs
-never run on the GPU at once. Long jobs call `check_stop()` from their step callback; the user's
-stop request then ends them cleanly, with the model untouched.
-
-With a `history_dir`, the whole edit stack (redo tail included) is written atomically after every
-change, one file per model, and restored when that model is loaded again: a crash or a kill
-loses at most the edit that was running, never leaves one half-applied.
-"""
+"""PipelineManager: the one GPU-resident pipeline of a process, its lock (`job()`), its stop flag and its edit stack,
+saved after every change to `history_dir` (if given) and restored when the model is loaded again."""
 from __future__ import annotations
 
 import contextvars
@@ -20,7 +11,7 @@ import re
 import threading
 import time
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,23 +19,22 @@ import torch
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks; one process per history is then the user's to keep
+except ImportError:  # Windows: no advisory locks
     fcntl = None
 
 from .edit_files import SavedEdit, backup_budget, backup_estimate, load_edit_file, load_edits, save_edits
 from .edits import Edit, EditStack, Entry, find_tensor, toggled
-from .errors import JobStopped, StudioError
+from .errors import JobStopped, OverBudget, StudioError
 from .fingerprint import fingerprint, tensor_digest
 from . import models, steering
 from .generation import SAMPLERS, GenerationRequest
-from .models import Conditioning
 from .loading import BUILTIN, ModelInfo, classify_source, load_pipeline
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger(__name__)
 # Who a job is run for (the UI sets the browser session): a Stop ends only its own owner's job.
 OWNER: contextvars.ContextVar = contextvars.ContextVar("studio_job_owner", default=None)
-HISTORY_LOCKS: dict[str, object] = {}  # history file -> the lock file that makes this process its one writer
+HISTORY_LOCKS: dict[str, object] = {}  # history file -> lock file: this process is its one writer
 
 @dataclass
 class GenerationResult:
@@ -52,24 +42,13 @@ class GenerationResult:
     seeds: list[int]
     request: GenerationRequest
     seconds: float
-    warnings: list[str] = field(default_factory=list)
-
-
-def release_memory() -> None:
-    """Free what dropped objects held: Python garbage, CUDA's cached blocks and the heap's free pages."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    trim_heap()
+    warnings: list[str]
 
 
 def trim_heap() -> None:
-    """Hand the heap pages glibc keeps after large frees back to the system (without it, RSS stays at its
-    peak after a model switch or a job on huge pictures); cheap, so every job ends with it."""
-    try:
+    """Give the pages glibc keeps after large frees back to the system (else RSS stays at its peak)."""
+    with suppress(OSError, AttributeError):  # not glibc (macOS, Windows, musl)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-        pass
 
 
 class PipelineManager:
@@ -84,6 +63,7 @@ class PipelineManager:
         self._depth = 0  # how many job() blocks the lock's holder is inside
         self._owner = None  # OWNER of the running job
         self.history_warning = ""  # set while the history cannot be saved: the UI shows it
+        self._kept = False  # the saved history was too big to restore: not written over while it is there
         self._pipe = None
         self._stack: EditStack | None = None
         self.info: ModelInfo | None = None
@@ -98,7 +78,6 @@ class PipelineManager:
         m.info = ModelInfo(name, "python", str(p.device), str(p.dtype).replace("torch.", ""))
         return m
 
-    # -- model ---------------------------------------------------------------------------
     @property
     def pipe(self):
         with self.lock:
@@ -119,7 +98,9 @@ class PipelineManager:
         with self.job():
             pipe, info = load_pipeline(**args)
             self._pipe = self._stack = None
-            release_memory()
+            gc.collect()
+            torch.cuda.empty_cache()
+            trim_heap()
             self._pipe, self.info, self._stack, self._load_args = pipe, info, EditStack(pipe), args
             self._fingerprints.clear()
             self._restore_history()
@@ -130,15 +111,13 @@ class PipelineManager:
         return self.info.describe()
 
     def fingerprint(self, cached: bool = False) -> str:
-        """Hash of the model state. `cached` reuses the hash of a state already seen through the
-        stack (cheap for the UI on big models); the default rehashes every parameter."""
+        """Hash of the model state; `cached` reuses the hash of a stack state already seen (cheap, for the UI)."""
         with self.lock:
             key = tuple(e.serial for e in self.stack.applied)
             if not cached or key not in self._fingerprints:
                 self._fingerprints[key] = fingerprint(self.pipe)
             return self._fingerprints[key]
 
-    # -- jobs ----------------------------------------------------------------------------
     @contextmanager
     def job(self):
         """Hold the GPU lock for one job; a stop request made at any moment of the job ends it."""
@@ -173,7 +152,7 @@ class PipelineManager:
             model, r = models.of(pipe), request.validated(pipe)
             latents, generators = r.noise(pipe)
 
-            def tick(done: int, total: int) -> None:  # a stop ends the job here; progress is reported
+            def tick(done: int, total: int) -> None:
                 self.check_stop()
                 if progress:
                     progress(done, total)
@@ -182,11 +161,11 @@ class PipelineManager:
                 tick(i + 1, r.steps)
                 return steering.step_end(_pipe, i, t, kwargs)
 
-            cfg = r.guidance > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+            cfg = model.guided(r.guidance)
             plan = steering.Plan([r.prompt], r.batch, cfg, r.height, r.width, [r.negative_prompt])
             start = time.perf_counter()
             with steering.generation(pipe, plan):
-                cond = model.encode([r.prompt]) if prompt_embeds is None else Conditioning(prompt_embeds)
+                cond = model.encode([r.prompt]) if prompt_embeds is None else models.Conditioning(prompt_embeds)
                 images = model.denoise(
                     steering.condition(pipe, cond, plan), model.encode([r.negative_prompt]) if cfg else None,
                     steps=r.steps, guidance=r.guidance, scheduler=SAMPLERS[r.sampler].from_config(pipe.scheduler.config),
@@ -212,13 +191,11 @@ class PipelineManager:
             if not count:
                 raise StudioError("there is no edit to compare: apply one first")
             if not 1 <= index <= count:
-                raise StudioError(f"#0 is the model as loaded: nothing comes before it to compare with; pick an edit "
-                                  f"from 1 to {count}" if index == 0 else f"edit #{index} does not exist: pick one "
-                                  f"from 1 to {count}")
+                why = "is the model as loaded: nothing comes before it" if index == 0 else "is no edit of the history"
+                raise StudioError(f"#{index} {why}: pick an edit from 1 to {count}")
             request = GenerationRequest(**{**request.__dict__, "seed": request.validated(self.pipe).seed})
             return self.generate_at(request, index - 1, progress), self.generate_at(request, index, progress)
 
-    # -- edits ---------------------------------------------------------------------------
     def apply(self, edit: Edit) -> Entry:
         with self.job():
             return self._saved(self.stack.apply(edit))
@@ -260,19 +237,17 @@ class PipelineManager:
         """Apply every edit of a file on top of the current state, all or none; returns notes."""
         saved = load_edits(path)
         with self.job():
-            notes = self._apply_saved(saved)
-            self._saved(None)
-        return notes
+            return self._saved(self._apply_saved(saved))
 
-    def _apply_saved(self, saved: list[SavedEdit]) -> list[str]:
-        """Apply saved edits in order, all or none: on any failure (or a stop) the stack is exactly as it was,
-        redo tail included. Refused before anything is applied if their backups would not fit in memory."""
+    def _apply_saved(self, saved: list[SavedEdit], advice: str = "load fewer edits at a time") -> list[str]:
+        """Apply saved edits in order, all or none (on a failure or a stop the stack is exactly as it was);
+        OverBudget, before anything is applied if it can be told, when their backups would not fit in memory."""
         budget, used = backup_budget(), 0
 
         def refuse(need: int):
-            raise StudioError(f"these {len(saved)} edit(s) would keep {need / 2**20:,.0f} MB or more of backups for "
-                              f"undo; this machine has room for {budget / 2**20:,.0f} MB (half its free memory): load "
-                              "fewer edits at a time")
+            raise OverBudget(f"these {len(saved)} edit(s) would keep {need / 2**20:,.0f} MB or more of backups for "
+                             f"undo; this machine has room for {budget / 2**20:,.0f} MB (half its free memory): "
+                             + advice)
 
         if (need := backup_estimate(self.pipe, saved)) > budget:
             refuse(need)
@@ -296,7 +271,6 @@ class PipelineManager:
             raise
         return notes
 
-    # -- the saved history ---------------------------------------------------------------------
     @property
     def history_path(self) -> Path | None:
         """Where this model's history is kept: one file per model source, in `history_dir`."""
@@ -307,50 +281,47 @@ class PipelineManager:
         return self.history_dir / f"history-{slug}-{hashlib.sha1(source.encode()).hexdigest()[:8]}.safetensors"
 
     def _saved(self, result):
-        """Write the whole stack after a change (atomically). The state in memory is the truth: a write that
-        fails never fails the edit; `history_warning` says the history is not being saved until one succeeds,
-        and the stale file is set aside so that a restart does not bring back an older state."""
+        """Write the whole stack after a change, atomically. A failed write never fails the edit: `history_warning`
+        says so until one succeeds, and the stale file is set aside so that a restart does not bring it back."""
         path = self.history_path
-        if path is not None and self._claim_history():
+        if path is not None and not (self._kept and path.exists()) and self._claim_history():
             try:
                 save_edits(self._stack.entries, path, position=self._stack.position, model=self._load_args["source"])
-                self.history_warning = ""
-            except Exception as exc:  # noqa: BLE001 - any failure to write (disk full, read-only, safetensors)
-                self.history_warning = (f"The edit history is not being saved ({type(exc).__name__}: {exc}); your "
-                                        f"edits are applied but will not come back after a restart. Check {path.parent}.")
+                self.history_warning, self._kept = "", False
+            except Exception as exc:  # noqa: BLE001 - disk full, read-only, ...
+                self.history_warning = (f"The edit history is not being saved ({type(exc).__name__}: {exc}): "
+                                        f"check {path.parent}.")
                 log.warning("could not save the edit history to %s: %s", path, exc)
                 with suppress(OSError):
                     path.replace(path.with_name(path.name + ".stale"))
         return result
 
     def _claim_history(self) -> bool:
-        """Make this process the one writer of its model's history file (a lock file beside it, held until the
-        process ends). Another process holding it: this one runs without saving, and says so."""
-        path = str(self.history_path)
-        if path in HISTORY_LOCKS:
+        """Make this process the one writer of its model's history (a lock file held until it ends), or say why not."""
+        path = self.history_path
+        if str(path) in HISTORY_LOCKS:
             return True
         try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            lock = open(path + ".lock", "a+")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(f"{path}.lock", "a+")
         except OSError as exc:
-            self.history_warning = f"The edit history is not being saved: {Path(path).parent} is not writable ({exc})."
+            self.history_warning = f"The edit history is not being saved: {path.parent} is not writable ({exc})."
             return False
         if fcntl is not None:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 lock.close()
-                self.history_warning = (f"Another Concept Studio process is saving this model's history "
-                                        f"({Path(path).name}): this one runs without saving its edits. Start it with "
-                                        "another --history-dir to keep both.")
+                self.history_warning = (f"Another Concept Studio process saves this model's history ({path.name}), so "
+                                        "this one does not: start it with another --history-dir to keep both.")
                 return False
-        HISTORY_LOCKS[path] = lock
+        HISTORY_LOCKS[str(path)] = lock
         return True
 
     def _restore_history(self) -> None:
-        """Bring back the saved history of this model: the same edits, the same position, the same redo tail.
-        An unreadable file is set aside (renamed *.unreadable) and the model starts clean."""
-        path, self.restore_notes, self.history_warning = self.history_path, [], ""
+        """Bring back this model's saved history (edits, position, redo tail). An unreadable file is set aside
+        (*.unreadable); one too big for memory is kept, not restored and not written over while it is there."""
+        path, self.restore_notes, self.history_warning, self._kept = self.history_path, [], "", False
         if path is None:
             return
         claimed = self._claim_history()
@@ -358,8 +329,13 @@ class PipelineManager:
             return
         try:
             saved = load_edit_file(path)
-            notes = self._apply_saved(saved.edits)
+            notes = self._apply_saved(saved.edits, f"free memory and restart, or move {path} away to start a new one")
             self._stack.goto(saved.position)
+        except OverBudget as exc:  # not damaged: it waits for the user
+            self._kept = True
+            self.restore_notes = [f"the saved history was not restored ({exc}); this session saves no edits over it"]
+            self.history_warning = self.history_warning or f"The edit history is not saved: {self.restore_notes[0]}."
+            return
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, the studio starts
             aside = path.with_name(path.name + ".unreadable")
             if claimed:  # the file is ours to move

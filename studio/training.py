@@ -1,10 +1,4 @@
-"""The one trainer loop: ESD, customization and Break-A-Scene each supply `loss(step) -> Tensor` (their
-batches and predictions, through the model layer) and the tensors they train; this module owns what every
-run needs: the components frozen and restored whatever happens, one LoRA (peft, fp32 factors drawn from the
-run's seed, removed afterwards), trainable token vectors, the optimiser, a stop check, progress and previews
-every step, the divergence check, and resume state written atomically (safetensors + JSON, no pickle); and
-what trainers share besides: their images (`TrainingImage`) and the label of the concept they learn.
-"""
+"""The one trainer loop (methods supply `loss(step)` and what they train) and what every run needs around it."""
 from __future__ import annotations
 
 import json
@@ -15,18 +9,19 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from . import models
-from .checks import write_atomically
+from .edit_files import save_tensors
 from .errors import StudioError
 
 ADAPTER = "studio-train"
+_ATTN, _FF = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)", r"ff\.net\.(0\.proj|2)|proj_in|proj_out"
 LORA_TARGETS = {
-    "attention": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
-    "attention+ff": r".*(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out)$",
-    "unet": r".*(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out|resnets\.\d+\.(conv1|conv2))$",
+    "attention": rf".*{_ATTN}$",
+    "attention+ff": rf".*({_ATTN}|{_FF})$",
+    "unet": rf".*({_ATTN}|{_FF}|resnets\.\d+\.(conv1|conv2))$",
 }
 Progress = Callable[[int, int], None]
 Preview = Callable[[int, list], None]
@@ -54,8 +49,7 @@ def is_toy(pipe) -> bool:
 
 @contextmanager
 def frozen(pipe, train_mode: bool = True):
-    """Every component frozen inside the block (a run trains only what it adds), the denoiser in train mode;
-    requires_grad and modes restored afterwards, whatever happens."""
+    """Every component frozen in the block (a run trains only what it adds); restored whatever happens."""
     components = [m for m in pipe.components.values() if isinstance(m, nn.Module)]
     flags = [(p, p.requires_grad) for m in components for p in m.parameters()]
     modes = [(m, m.training) for m in components]
@@ -72,21 +66,17 @@ def frozen(pipe, train_mode: bool = True):
 
 
 def check_no_adapters(module) -> None:
-    """Training needs the plain layers: refuse while unfused peft adapters (a composition) are installed."""
+    """Training needs the plain layers: refuse while unfused peft adapters are installed."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if (getattr(module, "_hf_peft_config_loaded", False) and module.peft_config) or any(
             isinstance(m, BaseTunerLayer) for m in module.modules()):
-        raise StudioError("the UNet carries unfused adapters (a weighted-adapter composition): switch it off or "
-                          "undo it before training")
+        raise StudioError("the UNet carries unfused adapters (a composition): switch it off or undo it to train")
 
 
 @contextmanager
-def lora(module, rank: int, targets, seed: int = 0, *, prefix: str = "unet", init: dict | None = None):
-    """A peft LoRA on `targets` (a LORA_TARGETS key, or module names) of the denoiser or a text encoder, for
-    the block; yields its factors by '{weight name}.lora_A' / '.lora_B', fp32 and trainable. B = 0, so it
-    starts as the identity; A is peft's gaussian draw under `seed` (the global generator forked: reproducible
-    whatever ran before) or init[weight name]. alpha = r: peft's scale is 1, so the factors are the edit's."""
+def lora(module, rank: int, targets, seed: int = 0, *, init: dict | None = None):
+    """A peft LoRA for the block; its fp32 factors by '{weight}.lora_A'/'_B' (B = 0, A from `seed`, alpha = r)."""
     from diffusers.utils import recurse_remove_peft_layers
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
@@ -101,7 +91,7 @@ def lora(module, rank: int, targets, seed: int = 0, *, prefix: str = "unet", ini
         factors = {}
         for n, m in module.named_modules():
             if isinstance(m, LoraLayer):
-                name = f"{prefix}.{n.removesuffix('.base_layer')}.weight"
+                name = f"unet.{n.removesuffix('.base_layer')}.weight"
                 a, b = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
                 a.data = a.data.float() if init is None else init[name].to(a.device)
                 b.data = b.data.float().zero_()
@@ -116,7 +106,6 @@ def lora(module, rank: int, targets, seed: int = 0, *, prefix: str = "unet", ini
 
 @contextmanager
 def adapters_off(module):
-    """The base model inside the block (ESD's frozen predictions and trajectories)."""
     module.disable_adapters()
     try:
         yield
@@ -125,7 +114,7 @@ def adapters_off(module):
 
 
 class TokenHook:
-    """Replaces the input embedding of the new token ids with trainable vectors (a forward hook)."""
+    """A forward hook replacing the new token ids' input embeddings with trainable vectors."""
 
     def __init__(self, embedding: nn.Embedding, ids: list[int], init: torch.Tensor):
         self.ids = torch.tensor(ids, device=embedding.weight.device)
@@ -141,8 +130,7 @@ class TokenHook:
 
 
 def diffusion_error(family, scheduler, x0: torch.Tensor, cond, gen: torch.Generator) -> torch.Tensor:
-    """Squared error (fp32, per element) of the denoiser's prediction for x0 noised at random timesteps: the DDPM
-    loss before its mean, for a method to weight by rows or pixels. Draws the noise, then t, from gen."""
+    """The DDPM loss before its mean (fp32), for a method to weight; draws the noise, then t, from gen."""
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(x0.device)
     target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
@@ -153,14 +141,10 @@ def detached(tensors: dict) -> dict[str, torch.Tensor]:
     return {n: t.detach().float().cpu().contiguous() for n, t in tensors.items()}
 
 
-# -- the loop -------------------------------------------------------------------------------------
 def train(manager, loss, trainables: dict, steps: int, *, lr: float, groups: list | None = None, start: int = 0,
           total: int | None = None, progress: Progress | None = None, preview: Preview | None = None, draw=None,
           preview_every: int = 100, saved: Saved | None = None, what: str = "training") -> list[float]:
-    """Steps start..steps-1 of a run of `total` (default `steps`) steps: AdamW (weight decay 0: Adam) over
-    `groups` (default every trainable at `lr`) descending loss(step). Each step checks for a stop and calls
-    progress(done, total); every `preview_every` steps and at the run's end preview(done, draw()) with the
-    denoiser in eval mode. Returns the losses."""
+    """Steps start..steps-1 of a `total`-step run (Adam on loss(step)), with stops, progress and previews; losses."""
     opt = torch.optim.AdamW(groups or [{"params": list(trainables.values()), "lr": lr}], weight_decay=0.0)
     if saved and saved.resume:
         start = saved.step = saved.load(trainables, opt)
@@ -199,8 +183,7 @@ def train(manager, loss, trainables: dict, steps: int, *, lr: float, groups: lis
 
 @dataclass
 class Saved:
-    """Resume state: trainables and Adam moments as safetensors, settings and step as JSON (no pickle), written
-    atomically every `every` steps and when a run ends early; `step` is where the run started."""
+    """Resume state, written every `every` steps and on an early end; `step`: where the run started."""
 
     path: Path
     settings: dict
@@ -209,33 +192,25 @@ class Saved:
     step: int = 0
 
     def check(self) -> int:
-        """The saved step; refuses a state trained with other settings (call it before costly preparations)."""
         with safe_open(str(self.path), "pt") as f:
             meta = f.metadata() or {}
         saved = json.loads(meta.get("settings", "{}"))
-        changed = [k for k in self.settings if k not in ("steps",) and saved.get(k) != self.settings[k]]
-        if changed:
+        if changed := [k for k in self.settings if k != "steps" and saved.get(k) != self.settings[k]]:
             raise StudioError(f"the saved state was trained with other settings ({', '.join(changed)}): resume "
                               "with the same settings or start afresh")
         return int(meta["step"])
 
     def save(self, trainables: dict, opt, step: int) -> None:
         tensors = {f"param/{n}": t for n, t in detached(trainables).items()}
-        for n, t in trainables.items():
-            for k, v in opt.state.get(t, {}).items():
-                if torch.is_tensor(v):
-                    tensors[f"opt/{n}/{k}"] = v.detach().float().cpu().reshape(-1).contiguous()
-        meta = {"settings": json.dumps(self.settings), "step": str(step)}
-        write_atomically(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        tensors.update({f"opt/{n}/{k}": v.detach().float().reshape(-1) for n, t in trainables.items()
+                        for k, v in opt.state.get(t, {}).items() if torch.is_tensor(v)})
+        save_tensors(tensors, self.path, {"settings": json.dumps(self.settings), "step": step})
 
     def load(self, trainables: dict, opt) -> int:
         step, tensors = self.check(), load_file(str(self.path))
-        with torch.no_grad():
-            for n, t in trainables.items():
-                t.copy_(tensors[f"param/{n}"].reshape(t.shape))
         for n, t in trainables.items():
+            t.data.copy_(tensors[f"param/{n}"].reshape(t.shape))
             moments = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt/{n}/")}
-            if moments:
-                opt.state[t] = {k: (v.reshape(t.shape).to(t.device) if k != "step" else v.reshape(()))
-                                for k, v in moments.items()}
+            opt.state[t] = {k: v.reshape(()) if k == "step" else v.reshape(t.shape).to(t.device)
+                            for k, v in moments.items()}
         return step

@@ -1,5 +1,6 @@
 """The studio used carelessly or with hostile input: each case here was a defect found by probing the app."""
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 import studio.manager as manager_module
-from studio.edit_files import MAX_EDITS, SavedEdit, save_edits, save_tensors
+from studio.edit_files import MAX_EDITS, SavedEdit, read_tensors, save_edits, save_tensors
 from studio.edits import Edit, Entry, edit_kind
 from studio.errors import JobStopped, StudioError
 from studio.generation import GenerationRequest
@@ -230,6 +231,44 @@ def test_a_file_that_under_declares_its_backups_is_stopped_once_they_pass_the_bu
         with pytest.raises(StudioError, match="room for 0 MB"):
             toy.load_edits(tmp_path / "crafted.safetensors")
         assert state(toy) == before
+    finally:
+        toy.stack.goto(0)
+        del toy.stack.entries[:]
+
+
+def test_a_history_too_big_for_memory_is_kept_not_restored_and_not_written_over(tmp_path, monkeypatch):
+    m = PipelineManager("builtin", device="cpu", history_dir=tmp_path)
+    m.apply(scale_edit(V, 0.5))
+    path, saved = m.history_path, m.history_path.read_bytes()
+    monkeypatch.setattr(manager_module, "backup_budget", lambda: 1000)
+    fresh = PipelineManager("builtin", device="cpu", history_dir=tmp_path)
+    assert fresh.history() == [] and "not restored" in fresh.restore_notes[0] and "damaged" not in fresh.restore_notes[0]
+    assert "MB or more of backups for undo; this machine has room for 0 MB" in fresh.restore_notes[0]
+    assert str(path) in fresh.restore_notes[0] and "not saved" in fresh.history_warning
+    fresh.undo()
+    fresh.apply(scale_edit(Q, 2.0))  # the user works on: the file that could not be restored stays as it was
+    assert path.read_bytes() == saved and not list(tmp_path.glob("*.unreadable")) and not list(tmp_path.glob("*.stale"))
+    path.rename(tmp_path / "kept.safetensors")  # the user moves it away: this session's history is saved again
+    fresh.apply(scale_edit(V, 0.9))
+    assert fresh.history_warning == "" and path.is_file() and path.read_bytes() != saved
+
+
+@pytest.mark.parametrize("version, refused", [("1", False), ("0", False), (None, False), ("2", True), ("1.0", True),
+                                              ("x", True)])
+def test_edit_files_of_an_unknown_version_are_refused(toy, tmp_path, version, refused):
+    toy.apply(scale_edit(V, 0.5))
+    toy.save_edits(tmp_path / "one.safetensors")
+    toy.undo()
+    del toy.stack.entries[:]
+    tensors, meta = read_tensors(tmp_path / "one.safetensors")
+    meta = {k: v for k, v in meta.items() if k != "version"} | ({} if version is None else {"version": version})
+    save_tensors(tensors, tmp_path / "other.safetensors", meta)
+    try:
+        if refused:
+            with pytest.raises(StudioError, match=re.escape(f"newer Concept Studio, or is damaged (format '{version}')")):
+                toy.load_edits(tmp_path / "other.safetensors")
+        else:
+            assert toy.load_edits(tmp_path / "other.safetensors")[0].endswith("re-applied exactly")
     finally:
         toy.stack.goto(0)
         del toy.stack.entries[:]

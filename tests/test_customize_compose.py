@@ -21,7 +21,6 @@ from studio import models, steering
 from studio.customize.collage import predicting
 from studio.customize.concept import base_signature, with_strength
 from studio.customize.scope import only, prompt_scopes
-from studio.customize.train import kv_modules
 from studio.training import lora
 from studio.edits import Edit
 from studio.erase.text import encode
@@ -64,7 +63,7 @@ def concept(pipe, token, seed, kv="delta", outside=False, ti_only=False, scale=0
     emb = pipe.text_encoder.get_input_embeddings().weight
     tensors = {"embedding": emb.mean(0) + emb.std() * torch.randn(vectors, emb.shape[1], generator=g)}
     modules = []
-    for name, layer in ([] if ti_only else sorted(kv_modules(pipe.unet).items())):
+    for name, layer in ([] if ti_only else sorted(models.of(pipe).text_projections().items())):
         w = layer.weight
         size = scale * float(w.norm())
         if kv == "delta":
@@ -233,7 +232,7 @@ def test_merge_keeps_each_concepts_outputs_on_its_tokens_and_ordinary_captions_n
     assert edit.params["reg_change"] < 0.5 * edit.params["reg_change_if_summed"]
     notes = " ".join(edit.params["notes"])
     assert "summed" in notes and "<cc>" in notes
-    kv = sorted(kv_modules(pipe.unet))
+    kv = sorted(models.of(pipe).text_projections())
     w0 = {n: pipe.unet.get_parameter(n.removeprefix("unet.")).detach().clone() for n in kv + [OUTSIDE]}
     # the token's feature depends only on what comes before it (CLIP is causal): these are templates' features
     prompts = {t: [f"a photo of {t}", f"a {t} and a red circle", f"{t} on the left"] for t in ("<aa>", "<bb>", "<cc>")}

@@ -1,6 +1,4 @@
-"""Maps for any image: encode it, noise it to timestep t (`capture.noised`), run the UNet once with the
-prompt. `repeats` averages noise draws: steadier at high t.
-"""
+"""Maps for any image: noised to timestep t, one UNet pass with the prompt; `repeats` averages noise draws."""
 from __future__ import annotations
 
 import time
@@ -44,7 +42,6 @@ def image_maps(manager, image, prompt: str, timestep: int = DEFAULT_TIMESTEP, se
         result = from_session(session, mode="image", images=[shown], prompt=prompt, negative=negative, seeds=[seed],
                               steps=1, tokenizer=pipe.tokenizer, settings=settings,
                               seconds=time.perf_counter() - start)
-    # one image: average the noise draws
     result.means = {n: m.mean(1, keepdim=True) for n, m in result.means.items()}
     result.self_qk = {s: {n: (q[:1], k[:1]) for n, (q, k) in d.items()} for s, d in result.self_qk.items()}
     return result

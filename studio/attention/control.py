@@ -1,12 +1,6 @@
-"""Test-time attention control: Attend-and-Excite, A-STAR, and prompt-to-prompt reweighting.
-
-Attend-and-Excite and A-STAR share one loop (`AttentionGuidance`): before a step, a UNet pass with
-gradients on the latent gives maps at one resolution (16x16 published); the latent steps against
-the gradient of a loss of them: 1 - the weakest subject's peak (refined at threshold steps), or
-A-STAR's segregation (subjects' overlap) plus retention (each keeps its last mask). Step j's
-latent is updated in step j-1's callback (step 0: before sampling), so any sampler works. The
-defaults are steps of the published 50-step schedule, scaled to this run's.
-"""
+"""Test-time attention control: Attend-and-Excite and A-STAR (one loop: the latent descends a loss of the
+subjects' maps, updated in the previous step's callback so any sampler works), and prompt-to-prompt reweighting.
+Step defaults are those of the published 50-step schedule, scaled to this run's."""
 from __future__ import annotations
 
 import math
@@ -21,6 +15,7 @@ from .. import models
 from ..capture import STANDARD_PROCESSORS, encoded, gaussian_smooth, levels
 from ..errors import StudioError
 from ..tokenizer import prompt_ids, token_positions
+from .maps import normalize
 
 METHODS = ("none", "attend-excite", "a-star")
 
@@ -38,13 +33,9 @@ def excite_loss(sm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (1 - peaks).clamp_min(0).amax(1), peaks
 
 
-def _unit(sm: torch.Tensor) -> torch.Tensor:
-    return sm / sm.amax((-2, -1), keepdim=True).clamp_min(1e-8)
-
-
 def segregation_loss(sm: torch.Tensor) -> torch.Tensor:
-    """A-STAR: sum over subject pairs of sum(min(a, b)) / sum(a + b), maps at peak 1: (B,)."""
-    a = _unit(sm)
+    """A-STAR: sum over subject pairs of their `maps.overlap`, maps at peak 1: (B,)."""
+    a = normalize(sm)
     return sum((torch.minimum(a[:, i], a[:, j]).sum((-2, -1)) / (a[:, i] + a[:, j]).sum((-2, -1)).clamp_min(1e-8)
                 for i, j in combinations(range(sm.shape[1]), 2)), sm.new_zeros(sm.shape[0]))
 
@@ -53,7 +44,7 @@ def retention_loss(sm: torch.Tensor, previous: torch.Tensor | None) -> torch.Ten
     """A-STAR: sum over subjects of 1 - soft IoU(map, its previous step's mask): (B,)."""
     if previous is None:
         return sm.new_zeros(sm.shape[0])
-    a, m = _unit(sm), previous.to(sm.dtype)
+    a, m = normalize(sm), previous.to(sm.dtype)
     inter = (a * m).sum((-2, -1))
     union = (a + m - a * m).sum((-2, -1)).clamp_min(1e-8)
     return (1 - inter / union).sum(1)
@@ -227,7 +218,7 @@ class AttentionGuidance:
         sm = sm.detach()
         self.log.append(dict(step=j, loss=[float(v) for v in loss.detach()], refinement_steps=refined,
                              peaks=sm.amax((-2, -1)).float().cpu().tolist()))
-        self.previous = _unit(sm) >= self.c.retention_tau
+        self.previous = normalize(sm) >= self.c.retention_tau
         return x.detach()
 
 

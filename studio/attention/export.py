@@ -1,8 +1,5 @@
-"""Export a view: the PNG grid, the raw maps (.npz) and a JSON manifest of how they were made.
-
-maps.npz holds probabilities: `word_maps` (B, W, h, w), `token_maps` (B, T, h, w), each layer's
-`layer__<name>` (branches, B, N, T) and, when kept, `step__<name>` (S, branches, B, N, T).
-"""
+"""Export a view: the PNG grid, the maps (.npz of probabilities: `word_maps`, `token_maps`, `layer__<name>`,
+`step__<name>`) and a JSON manifest of how they were made."""
 from __future__ import annotations
 
 import json
@@ -57,4 +54,4 @@ def export(result: AttentionResult, view: View, out_dir: str | Path) -> list[Pat
 def _jsonable(v):
     if isinstance(v, np.generic):
         return v.item()
-    return list(v) if isinstance(v, (set, tuple)) else str(v)
+    return list(v) if isinstance(v, set) else str(v)

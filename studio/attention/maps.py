@@ -1,9 +1,5 @@
-"""From captured attention to word maps: select, aggregate, normalize, binarize.
-
-Layer maps are averaged on the finest selected grid; a word's map is the mean of its tokens'
-(DAAM). Normalization: "word" (each map to its max), "range" (min..max to 0..1: no flat floor),
-"global" (one max for all) or "absolute". Masks: pixels >= tau of the normalized map.
-"""
+"""From captured attention to word maps: layers averaged on the finest selected grid, a word's map the mean of
+its tokens' (DAAM), then normalized for display and binarized at tau."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -52,7 +48,8 @@ def layer_names(result: AttentionResult, sel: Selection) -> list[str]:
 def check_branch(result: AttentionResult, sel: Selection) -> str:
     """The prompt of the selection's branch, if captured."""
     if sel.branch not in result.branches:
-        raise StudioError("negative-prompt maps were not captured: give a negative prompt (and guidance > 1) and run again")
+        raise StudioError("negative-prompt maps were not captured: give a negative prompt (and guidance > 1) "
+                          "and run again")
     return result.negative if sel.branch == "negative" else result.prompt
 
 
@@ -92,7 +89,7 @@ def token_maps(result: AttentionResult, sel: Selection = Selection()) -> torch.T
 
 def word_maps(result: AttentionResult, words: list[Word] | str | None = None, sel: Selection = Selection(),
               size: tuple[int, int] | None = None) -> tuple[list[Word], torch.Tensor]:
-    """The words and their maps (B, W, h, w), upsampled to `size` (h, w) when given."""
+    """The words and their maps (B, W, h, w), upsampled to `size` when given."""
     prompt = check_branch(result, sel)
     if not (isinstance(words, list) and words and all(isinstance(w, Word) for w in words)):
         words = resolve_words(result.tokenizer, prompt, words)
@@ -107,7 +104,7 @@ def word_maps(result: AttentionResult, words: list[Word] | str | None = None, se
 
 
 def normalize(maps: torch.Tensor, mode: str = "word") -> torch.Tensor:
-    """maps (B, W, h, w) scaled for display (see the module docstring)."""
+    """(B, W, h, w) maps for display: each to its max, min..max to 0..1 (no flat floor), one max for all, or raw."""
     if mode == "word":
         return maps / maps.amax((-2, -1), keepdim=True).clamp_min(1e-12)
     if mode == "range":

@@ -1,12 +1,10 @@
-"""Drawing maps: colormaps blended over the image, masks as outlines, labelled grids. Tiles are
-drawn at a display size (toy images are 64x64), maps upsampled bilinearly.
-"""
+"""Drawing maps: colormaps over the image, masks as outlines, labelled grids, at a display size (toys are 64x64)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from ..errors import StudioError
 
@@ -47,8 +45,7 @@ def overlay(image: Image.Image, m, cmap: str = "jet", alpha: float = 0.5, size: 
 def labelled(tile: Image.Image, text: str, font_size: int = 16) -> Image.Image:
     """The tile with a caption bar underneath."""
     font = ImageFont.load_default(size=font_size)
-    out = Image.new("RGB", (tile.width, tile.height + font_size + 10), (255, 255, 255))
-    out.paste(tile, (0, 0))
+    out = ImageOps.expand(tile, (0, 0, 0, font_size + 10), fill=(255, 255, 255))
     draw = ImageDraw.Draw(out)
     draw.text(((tile.width - draw.textlength(text, font=font)) / 2, tile.height + 4), text, fill=(20, 20, 20),
               font=font)
@@ -56,7 +53,6 @@ def labelled(tile: Image.Image, text: str, font_size: int = 16) -> Image.Image:
 
 
 def grid(tiles: list[Image.Image], columns: int = 4, pad: int = 4) -> Image.Image:
-    """Tiles of one size in rows of `columns`."""
     if not tiles:
         raise StudioError("nothing to draw")
     columns = max(1, min(columns, len(tiles)))

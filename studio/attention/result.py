@@ -1,6 +1,5 @@
-"""What one attention job leaves, on the CPU: views are redrawn from it without the model (sliders
-never queue on the GPU). The UI holds only a ResultCache key (gr.State deep-copies).
-"""
+"""What one attention job leaves, on the CPU: views are redrawn without the model (sliders never queue on the
+GPU). The UI holds only a ResultCache key (gr.State deep-copies)."""
 from __future__ import annotations
 
 import itertools
@@ -16,7 +15,6 @@ from ..tokenizer import Word, prompt_words
 
 
 def block_of(name: str) -> str:
-    """'down', 'mid' or 'up': where in the UNet a processor name lives."""
     return "down" if name.startswith("down") else "up" if name.startswith("up") else "mid"
 
 

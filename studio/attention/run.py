@@ -1,6 +1,4 @@
-"""Generate with attention captured (optionally guided). Capture changes no output: a capture run
-and a plain run of a request make the same image.
-"""
+"""Generate with attention captured (optionally guided); capture leaves the images as a plain run makes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,6 +1,5 @@
-"""Self-attention on demand: a clicked pixel's row softmax(scale * q_i K^T) from the kept Q and K
-(never all N x N), and the top components (prompt-to-prompt) where N <= 32^2.
-"""
+"""Self-attention on demand from the kept Q and K: a clicked pixel's row (never all N x N), and the top
+components (prompt-to-prompt) where N <= 32^2."""
 from __future__ import annotations
 
 import torch
@@ -61,8 +60,7 @@ def explicit_matrix(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def components(result: AttentionResult, n: int = 6, image: int = 0, step: int | None = None,
                resolution: int | None = None, blocks=BLOCKS) -> tuple[int, torch.Tensor]:
-    """Top-n principal components of the mean, row-centred self-attention at a resolution <= 32
-    (default: the finest): (resolution, (n, h, w) in [0, 1])."""
+    """(resolution, (n, h, w) in [0, 1]): top principal components of the row-centred self-attention at <= 32."""
     step, layers = _layers(result, step, None, blocks)
     small = sorted({layer.h for layer in layers if layer.h * layer.w <= EXPLICIT_LIMIT}, reverse=True)
     if not small:

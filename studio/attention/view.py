@@ -1,6 +1,4 @@
-"""One view of a result: the tab, the CLI and the export all draw through `render_view`, so what a
-user sees is what they export.
-"""
+"""One view of a result: the tab, the CLI and the export all draw through `render_view` (what is seen is exported)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

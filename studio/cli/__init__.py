@@ -1,14 +1,4 @@
-"""Command line: `python -m studio` serves the UI; subcommands work headless, with no UI at all.
-
-    python -m studio [--model M] [--host 127.0.0.1] [--port N] [--share] [--auth user:pass] [--history-dir D]
-    python -m studio generate --prompt "a red circle" --seed 0 --out outputs/ [--edits FILE] [--compare]
-    python -m studio scale --pattern 'attn2\\.to_v\\.weight' --factor 0.5 --save edits.safetensors
-    python -m studio history FILE
-    python -m studio erase red --preserve green,blue --templates toy --report --save erase.safetensors
-    python -m studio customize --toy-example heart --token "<heart>" --prompt "a red <heart>"
-    python -m studio extract --toy-scene 11 --find --tokens "<a>,<b>" --report
-    python -m studio attention --prompt "a red circle and a blue square" --words circle,square --out DIR
-"""
+"""`python -m studio` serves the UI; its subcommands (the PLUGINS: one module each) work headless, with no UI."""
 from __future__ import annotations
 
 import argparse
@@ -18,8 +8,14 @@ import os
 import sys
 from pathlib import Path
 
+from ..customize.compose import region_edit
+from ..edit_files import load_edits
 from ..errors import StudioError
-from ..generation import SAMPLERS, GenerationRequest
+from ..extract.sam import SamMasks
+from ..generation import GenerationRequest
+from ..layer_scale import scale_edit
+from ..manager import PipelineManager
+from .common import add_request
 
 DEFAULT_HISTORY_DIR = Path(os.environ.get("CONCEPT_STUDIO_HOME", Path.home() / ".concept-studio")) / "history"
 PLUGINS = {"attention": "cross-attention maps: grid, raw maps, manifest",  # studio/cli/<name>.py
@@ -32,12 +28,10 @@ SUBCOMMANDS = ("generate", "scale", "history", *PLUGINS)
 def _model_args() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="builtin",
-                   help="'builtin' (default), a diffusers folder, a .safetensors checkpoint, or a hub id")
+    g.add_argument("--model", default="builtin", help="builtin (default), a diffusers folder, .safetensors or hub id")
     g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
-    g.add_argument("--allow-pickle", action="store_true",
-                   help="allow .ckpt/.pt/.bin checkpoints (pickles can run code: only for files you trust)")
+    g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin (pickles can run code)")
     g.add_argument("--edits", nargs="*", default=[], help="edit files to apply after loading")
     return p
 
@@ -46,22 +40,18 @@ def _serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studio", parents=[_model_args()],
                                 description="Concept Studio. Subcommands: " + ", ".join(SUBCOMMANDS))
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free)")
+    p.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free)")
     p.add_argument("--share", action="store_true", help="create a public gradio share link (off by default)")
-    p.add_argument("--auth", default=None, help="require a login, as user:password")
+    p.add_argument("--auth", help="require a login, as user:password")
     p.add_argument("--max-upload", default="200mb", help="largest file a browser may upload (default 200mb)")
     p.add_argument("--history-dir", default=str(DEFAULT_HISTORY_DIR),
-                   help=f"where the edit history is saved after every change, one file per model, and restored "
-                        f"on the next start (default {DEFAULT_HISTORY_DIR})")
+                   help=f"edit history, saved at every change and restored on start (default {DEFAULT_HISTORY_DIR})")
     p.add_argument("--no-history", action="store_true", help="start clean and do not save the edit history")
-    p.add_argument("--sam-checkpoint", default=None, help="Segment Anything checkpoint: click objects in the "
-                                                          "Extract tab (without it: found or painted masks)")
+    p.add_argument("--sam-checkpoint", help="Segment Anything checkpoint: click objects in Extract")
     return p
 
 
 def _manager(args, history_dir=None):
-    from ..manager import PipelineManager
-
     m = PipelineManager(args.model, args.device, args.dtype, args.allow_pickle, history_dir=history_dir)
     if history_dir:
         m.pipe
@@ -72,34 +62,28 @@ def _manager(args, history_dir=None):
     return m
 
 
-def _regions(specs: list[str]) -> list[tuple[str, list[float]]]:
-    """--region 'WORDS=x0,y0,x1,y1' values as (words, box)."""
-    out = []
-    for spec in specs:
-        words, _, box = spec.rpartition("=")
-        try:
-            values = [float(v) for v in box.split(",")]
-        except ValueError:
-            values = []
-        if not words or not values:
-            raise StudioError(f"--region takes WORDS=x0,y0,x1,y1, e.g. '<heart>=0,0,0.5,1' (got {spec!r})")
-        out.append((words, values))
-    return out
+def _region(spec: str) -> tuple[str, list[float]]:
+    words, _, box = spec.rpartition("=")
+    try:
+        box = [float(v) for v in box.split(",")]
+    except ValueError:
+        words = ""
+    if not words:
+        raise StudioError(f"--region takes WORDS=x0,y0,x1,y1, e.g. '<heart>=0,0,0.5,1' (got {spec!r})")
+    return words, box
 
 
 def _cmd_generate(args) -> None:
     m = _manager(args)
     if args.region:
-        from ..customize.compose import region_edit
-
-        print(m.apply(region_edit(_regions(args.region), collage=args.collage)).edit.title, file=sys.stderr)
+        print(m.apply(region_edit([_region(s) for s in args.region], collage=args.collage)).edit.title, file=sys.stderr)
     elif args.collage:
         raise StudioError("--collage needs --region boxes: say where each concept goes")
-    request = GenerationRequest(args.prompt, args.negative, args.seed, args.steps, args.guidance,
-                                args.width, args.height, args.batch, args.sampler)
+    r = GenerationRequest(args.prompt, args.negative, args.seed, args.steps, args.guidance, args.width, args.height,
+                          args.batch, args.sampler)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = zip(("before", "after"), m.compare(request)) if args.compare else [("", m.generate(request))]
+    pairs = zip(("before", "after"), m.compare(r)) if args.compare else [("", m.generate(r))]
     for tag, result in pairs:
         for w in result.warnings:
             print("warning:", w, file=sys.stderr)
@@ -110,8 +94,6 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_scale(args) -> None:
-    from ..layer_scale import scale_edit
-
     m = _manager(args)
     entry = m.apply(scale_edit(args.pattern, args.factor))
     print(f"{entry.edit.title}: {len(entry.patch.originals)} tensors; fingerprint {m.fingerprint()[:12]}")
@@ -119,8 +101,6 @@ def _cmd_scale(args) -> None:
 
 
 def _cmd_history(args) -> None:
-    from ..edit_files import load_edits
-
     for i, s in enumerate(load_edits(args.file), 1):
         print(f"{i}. {s.edit.title}  kind={s.edit.kind}  params={json.dumps(s.edit.params)}  "
               f"tensors touched={len(s.original_digests)}")
@@ -133,30 +113,21 @@ def main(argv: list[str] | None = None) -> int:
             p = argparse.ArgumentParser(prog="python -m studio")
             sub = p.add_subparsers(dest="command", required=True)
             g = sub.add_parser("generate", parents=[_model_args()], help="generate images to a folder")
-            g.add_argument("--prompt", required=True)
-            g.add_argument("--negative", default="")
-            g.add_argument("--seed", default="0")
-            g.add_argument("--steps", type=int, default=20)
-            g.add_argument("--guidance", type=float, default=7.5)
-            g.add_argument("--width", type=int, default=None)
-            g.add_argument("--height", type=int, default=None)
+            add_request(g)
+            g.add_argument("--width", type=int)
+            g.add_argument("--height", type=int)
             g.add_argument("--batch", type=int, default=1)
-            g.add_argument("--sampler", default="DPM++ 2M", choices=list(SAMPLERS))
             g.add_argument("--out", default="outputs", help="folder for the PNGs")
             g.add_argument("--compare", action="store_true", help="also render without the last edit (before/after)")
             g.add_argument("--region", action="append", default=[], metavar="WORDS=X0,Y0,X1,Y1",
-                           help="compose by regions: the prompt's WORDS go in this box (fractions of the image); "
-                                "repeatable, one per concept")
-            g.add_argument("--collage", type=float, default=0.0, metavar="SHARE",
-                           help="with --region: draw each region's words alone, place them in their boxes, then "
-                                "redraw this share of the steps with the full prompt (0: attention masking only; "
-                                "0.2 on the toy model)")
+                           help="the prompt's WORDS go in this box (fractions of the image); one per concept")
+            g.add_argument("--collage", type=float, default=0.0, metavar="SHARE", help="with --region: draw "
+                           "regions alone, paste, redraw this share of the steps whole (0: masking only; 0.2 toy)")
             s = sub.add_parser("scale", parents=[_model_args()], help="scale matching weights, save as an edit file")
             s.add_argument("--pattern", required=True, help="regular expression on parameter names")
             s.add_argument("--factor", type=float, required=True)
             s.add_argument("--save", required=True, help="edit file to write (.safetensors)")
-            h = sub.add_parser("history", help="list the edits in an edit file")
-            h.add_argument("file")
+            sub.add_parser("history", help="list the edits in an edit file").add_argument("file")
             plugins = {name: importlib.import_module(f"{__name__}.{name}") for name in PLUGINS}
             for name, module in plugins.items():
                 module.add_arguments(sub.add_parser(name, parents=[_model_args()], help=PLUGINS[name]))
@@ -171,11 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.auth and not (user and password):
             raise StudioError("--auth takes user:password")
         auth = (user, password) if args.auth else None
-        sam = None
-        if args.sam_checkpoint:
-            from ..extract.sam import SamMasks
-
-            sam = SamMasks.load(args.sam_checkpoint)
+        sam = SamMasks.load(args.sam_checkpoint) if args.sam_checkpoint else None
         manager = _manager(args, None if args.no_history else args.history_dir)
         importlib.import_module("components.app").launch(manager, args.host, args.port, args.share, auth, sam=sam,
                                                          max_upload=args.max_upload)

@@ -1,20 +1,28 @@
-"""What every subcommand shares: comma lists, a step counter on the terminal, and the outputs after a
-concept is learned (images of --prompt, the edit file)."""
+"""What subcommands share: comma lists, the generation flags, a step counter, the outputs after an edit."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ..generation import GenerationRequest
+from ..generation import SAMPLERS, GenerationRequest
 
 
-def words(text: str) -> list[str]:
+def words(text: str, sep: str = ",") -> list[str]:
     """'a, b,,c' -> ['a', 'b', 'c']."""
-    return [w.strip() for w in text.split(",") if w.strip()]
+    return [w.strip() for w in text.split(sep) if w.strip()]
 
 
 def progress(i: int, n: int) -> None:
     print(f"\rstep {i}/{n}", end="", flush=True)
+
+
+def add_request(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="")
+    p.add_argument("--seed", default="0")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", default="DPM++ 2M", choices=list(SAMPLERS))
 
 
 def add_outputs(p: argparse.ArgumentParser, what: str) -> None:
@@ -24,7 +32,6 @@ def add_outputs(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def write_outputs(args, manager, prefix: str) -> list[str]:
-    """Four images of each --prompt into --out, then the edit file if --save."""
     lines, out = [], Path(args.out)
     for i, prompt in enumerate(args.prompt):
         out.mkdir(parents=True, exist_ok=True)

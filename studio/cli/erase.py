@@ -1,42 +1,35 @@
-"""`python -m studio erase`: erase concepts headless, report, save the edit, export a LoRA or the pipeline.
-
-    python -m studio erase red --preserve green,blue --templates toy --rece 1 --report --save erase.safetensors
-    python -m studio erase "Van Gogh" --guide art --templates style --export-lora vangogh-lora.safetensors
-"""
+"""`python -m studio erase`, e.g. `erase "Van Gogh" --guide art --templates style --export-lora vg.safetensors`."""
 from __future__ import annotations
 
 import argparse
 
-from ..toyworld.presets import erasure_report, is_toy, toy_captions
-from .common import progress, words
 from ..erase import esd
 from ..erase.closed_form import DEFAULTS, erase_edit
 from ..erase.guard import guard_edit
+from ..lora_export import export_lora, export_pipeline
+from ..toyworld.presets import erasure_report, is_toy, toy_captions
+from .common import add_outputs, progress, words, write_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("concepts", type=words, help="concepts to erase, comma-separated")
-    p.add_argument("--method", choices=["uce", "guard", "esd"], default="uce",
-                   help="closed form (default), inference-time guard, or fine-tuned LoRA")
+    p.add_argument("--method", choices=["uce", "guard", "esd"], default="uce", help="closed form, guard, LoRA (ESD)")
     p.add_argument("--guide", default="", help="what the concept should become (default: empty prompt)")
     p.add_argument("--preserve", type=words, default=[], help="concepts to keep, comma-separated")
     p.add_argument("--templates", default="object", help="object, style, toy, none, or templates joined by '|'")
     p.add_argument("--tokens", choices=["to_end", "word"], default=DEFAULTS["tokens"])
-    p.add_argument("--lam", type=float, default=DEFAULTS["lam"])
-    p.add_argument("--erase-scale", type=float, default=DEFAULTS["erase_scale"])
-    p.add_argument("--preserve-scale", type=float, default=DEFAULTS["preserve_scale"])
+    for key in ("lam", "erase_scale", "preserve_scale", "rece_lambda"):
+        p.add_argument("--" + key.replace("_", "-"), type=float, default=DEFAULTS[key])
     p.add_argument("--rece", type=int, default=0, help="RECE hardening rounds (1-3)")
-    p.add_argument("--rece-lambda", type=float, default=DEFAULTS["rece_lambda"])
     p.add_argument("--neighbours", type=int, default=0, help="RealEra neighbour samples per vector")
     p.add_argument("--esd-method", choices=list(esd.METHODS), default="esd-x")
     p.add_argument("--rank", type=int, default=2, help="LoRA rank of the fine-tuned adapter")
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=None, help="default: chosen from the model's size")
-    p.add_argument("--captions", type=lambda t: [c.strip() for c in t.split("|") if c.strip()], default=None,
-                   help="ESD training captions containing the concept, joined by '|' (toy world: filled in)")
+    p.add_argument("--lr", type=float, help="default: chosen from the model's size")
+    p.add_argument("--captions", type=lambda t: words(t, "|"), help="ESD captions with the concept, joined by '|'")
     p.add_argument("--report", action="store_true", help="print the before/after table (toy world: measured)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt in the report")
-    p.add_argument("--save", help="write the edit file (.safetensors)")
+    add_outputs(p, "erasure")
     p.add_argument("--export-lora", help="write the weight change as a kohya-style LoRA (.safetensors)")
     p.add_argument("--export-rank", type=int, default=4)
     p.add_argument("--export-pipeline", help="save the whole edited pipeline to this folder")
@@ -52,24 +45,17 @@ def command(args, manager) -> list[str]:
     elif args.method == "guard":
         edit = guard_edit(args.concepts, templates=templates)
     else:
-        captions = args.captions
-        if captions is None and is_toy(manager):
-            captions = toy_captions(args.concepts[0])
+        captions = toy_captions(args.concepts[0]) if args.captions is None and is_toy(manager) else args.captions
         edit = esd.train_esd(manager, args.concepts[0], method=args.esd_method, rank=args.rank, steps=args.steps,
                              lr=args.lr, concept_prompts=captions, progress=progress)
     entry = manager.apply(edit)
     lines = [f"{entry.edit.title}: {len(entry.patch.originals)} tensors; fingerprint {manager.fingerprint()[:12]}"]
     if args.report:
         lines.append(erasure_report(manager, args.concepts, args.preserve, seeds=args.seeds).table())
-    if args.save:
-        lines.append(f"edit file: {manager.save_edits(args.save)}")
+    lines += write_outputs(args, manager, "erase")
     if args.export_lora:
-        from ..lora_export import export_lora
-
         rep = export_lora(manager, args.export_lora, rank=args.export_rank)
         lines.append(f"LoRA: {rep['path']} (rank {rep['rank']}, relative error {rep['error']:.2e})")
     if args.export_pipeline:
-        from ..lora_export import export_pipeline
-
         lines.append(f"pipeline: {export_pipeline(manager, args.export_pipeline)}")
     return lines

@@ -1,4 +1,2 @@
 """Customization: teach the model new concepts from a few images and compose several of them."""
-from . import concept  # noqa: F401  (registers the "learned_concept" edit kind)
-from . import compose  # noqa: F401  (registers the compose_* edit kinds)
-from . import collage  # noqa: F401  (registers "compose_regions")
+from . import collage  # noqa: F401  (registers "learned_concept" and the compose_* edit kinds, through its imports)

@@ -1,13 +1,5 @@
-"""Region composition by collage: each region's words are drawn alone, cut out (what differs from the border
-colour; on a busy background the whole picture) and placed in their region; then the full prompt redraws the
-last `strength` of the steps from that collage (SDEdit), each region's pixels by a UNet pass in which only the
-learned concepts its words name act (OMG's two stages, Mix-of-Show's regional sampling, Collage Diffusion's start).
-Why: on the toy model, masking the concepts to regions while sampling from noise kept both learned shapes in at
-most 38% of "a <heart> and a <cross>" images; each concept drawn alone is right most of the time.
-
-Region edits (compose.region_edit) are applied here: without a collage, compose's attention steering; with
-one, a 'model' steering slot around the UNet's forward and a 'sampling' slot that draws the regions.
-"""
+"""Region composition by collage (OMG, Mix-of-Show): each region's words drawn alone are placed in their region,
+then the full prompt redraws the last steps (SDEdit), each region by a pass where only its concepts act."""
 from __future__ import annotations
 
 import re
@@ -16,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from PIL import Image
 
 from .. import models, steering
@@ -25,8 +18,8 @@ from ..generation import SAMPLERS
 from .compose import RegionSteering, check_regions, region_grid
 from .scope import only, prompt_scopes
 
-CUT_THRESHOLD = 40  # largest channel difference (0..255) from the border colour that still counts as background
-REGION_SEED_STEP = 10007  # each region is drawn from its own noise: an independent draw of its concept
+CUT_THRESHOLD = 40  # largest channel difference (0..255) from the border colour still counted as background
+REGION_SEED_STEP = 10007  # each region is drawn from its own noise
 FILL = 0.7  # the placed object's longer side, as a share of its region's shorter side
 
 
@@ -39,12 +32,11 @@ def region_prompt(prompt: str, words: str) -> str:
 
 
 def border_colour(image: np.ndarray) -> np.ndarray:
-    edge = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    return np.median(edge, 0)
+    return np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), 0)
 
 
 def cut_out(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(crop, alpha 0..1) of what differs from the border colour: the object's bounding box."""
+    """(crop, alpha 0..1) of the bounding box of what differs from the border colour."""
     inside = np.abs(image.astype(np.float32) - border_colour(image)).max(-1) > CUT_THRESHOLD
     if not inside.any():
         return image, np.ones(image.shape[:2], np.float32)
@@ -54,8 +46,7 @@ def cut_out(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def place(canvas: np.ndarray, image: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray:
-    """Paste `image`'s cut-out into `canvas` (float, in place), centred in `region` (x0, y0, x1, y1 pixels);
-    returns where it went (alpha over the canvas)."""
+    """Paste `image`'s cut-out into `canvas` (in place), centred in `region` (pixels); returns its alpha."""
     crop, alpha = cut_out(image)
     x0, y0, x1, y1 = region
     scale = FILL * min(x1 - x0, y1 - y0) / max(crop.shape[:2])
@@ -71,16 +62,14 @@ def place(canvas: np.ndarray, image: np.ndarray, region: tuple[int, int, int, in
     return out
 
 
-def region_box(spec: dict, mask: torch.Tensor | None, height: int, width: int) -> tuple[int, int, int, int]:
-    """A region's bounding box in pixels (x0, y0, x1, y1), from the region as attention steering sees it."""
-    ys, xs = torch.nonzero(region_grid(spec, mask, (height, width)), as_tuple=True)
+def region_box(spec: dict, tensors: dict, height: int, width: int) -> tuple[int, int, int, int]:
+    """A region's bounding box in pixels (x0, y0, x1, y1)."""
+    ys, xs = torch.nonzero(region_grid(spec, tensors, (height, width)), as_tuple=True)
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 class Collage:
-    """The UNet's forward while a region composition by collage is applied (`wrap`), and the sampling hook
-    that prepares each generation (`start`; `end_generation` drops it). Generations whose prompt lacks a
-    region's words are not touched."""
+    """The UNet's forward under a collage, and the sampling hook that prepares each generation (`start`)."""
 
     def __init__(self, pipe, params: dict, tensors: dict):
         self.pipe, self.specs, self.tensors, self.forward = pipe, params["regions"], tensors, None
@@ -101,7 +90,7 @@ class Collage:
         if not all(w.lower() in request.prompt.lower() for w in words):
             return latents
         model, h, w, n = models.of(pipe), request.height, request.width, request.batch
-        cfg = request.guidance > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+        cfg = model.guided(request.guidance)
         scheduler = SAMPLERS[request.sampler].from_config(pipe.scheduler.config)  # the generation's sampler
         negative, shots, contexts = model.encode([request.negative_prompt]), [], []
         for r, prompt in enumerate(region_prompt(request.prompt, word) for word in words):
@@ -114,17 +103,14 @@ class Collage:
                     scheduler=scheduler, latents=noise.to(pipe.device, pipe.unet.dtype), generator=generators,
                     height=h, width=w, images_per_prompt=n, output="np",
                     on_step=lambda _p, i, _t, kw: tick(i + 1, request.steps) or kw)).astype(np.uint8))
-            # the region's pass reads its own prompt (the one its picture was drawn with): [negative, prompt]
             contexts.append(torch.cat([negative.embeds, cond.embeds]).repeat_interleave(n, 0))
-        boxes = [region_box(s, self.tensors.get(s.get("mask", "")), h, w) for s in self.specs]
+        boxes = [region_box(s, self.tensors, h, w) for s in self.specs]
         pictures, masks = [], []
         for i in range(n):
             canvas = np.broadcast_to(border_colour(shots[0][i]), shots[0][i].shape).astype(np.float32).copy()
             masks.append(np.stack([place(canvas, shot[i], box) for shot, box in zip(shots, boxes)]))
             pictures.append(canvas)
-        # the layout: the collage's latents, each region's pixels on the latent grid (grown by a cell: the seams
-        # are redrawn by the region's pass), the concepts each pass keeps (its own and those no region names; the
-        # last pass, outside every region, only the latter) and each region pass's prompt embeddings
+        # each region's pixels on the latent grid, grown by a cell; each pass keeps its concepts and unnamed ones
         x0 = model.encode_images(torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2) / 127.5 - 1)
         masks = torch.from_numpy(np.stack(masks))
         grid = F.max_pool2d(F.max_pool2d((masks > 0.5).float(), pipe.vae_scale_factor), 3, 1, 1)
@@ -161,16 +147,11 @@ class Collage:
             regions, rest = torch.stack(passes[:-1], 1), passes[-1]
             cover = grid.sum(1)
             out = torch.where(cover > 0, (regions * grid).sum(1) / cover.clamp(min=1e-6), rest)
-        if kwargs.get("return_dict", True):
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-            return UNet2DConditionOutput(sample=out)
-        return (out,)
+        return UNet2DConditionOutput(sample=out) if kwargs.get("return_dict", True) else (out,)
 
 
 def predicting(scheduler, sample: torch.Tensor, timestep, x0: torch.Tensor) -> torch.Tensor:
-    """The model output (of the scheduler's prediction type) that predicts exactly `x0` from `sample`: held
-    steps only noise the collage, as SDEdit starts."""
+    """The model output (of the scheduler's prediction type) that predicts exactly `x0` from `sample`."""
     a = scheduler.alphas_cumprod[int(round(float(timestep)))].to(sample)
     eps = (sample - a.sqrt() * x0) / (1 - a).sqrt()
     kind = scheduler.config.get("prediction_type", "epsilon")

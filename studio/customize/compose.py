@@ -1,12 +1,5 @@
-"""Several learned concepts in one image: four ways, each one Edit on the stack (undoable, in the history).
-
-- merge_edit: Custom Diffusion's closed-form merge, per cross-attention K/V layer W = argmin ‖W·C_reg − W₀·C_reg‖
-  s.t. W·C_tgt = V_tgt (outputs on the concepts' token features exact, ordinary captions' kept).
-- adapters_edit: one unfused peft LoRA adapter per concept at its weight, all active; full deltas as factors.
-- region_edit: a region's words can be attended only by pixels inside it (Concept Conductor / LoRA-Composer).
-- t2i_zero_edit: Multi-Concept T2I-Zero's correction by similarities and cross-token non-maximum suppression.
-The last two are steering slots (attention bias, 'condition'), no weights; region edits are applied in collage.py.
-"""
+"""Several learned concepts in one image, each way one Edit: Custom Diffusion's closed-form K/V merge, weighted
+unfused peft adapters, region-aware attention (Concept Conductor; applied in collage.py) and T2I-Zero's steering."""
 from __future__ import annotations
 
 import math
@@ -26,7 +19,7 @@ from ..fingerprint import edit_digest
 from ..tokenizer import prompt_ids, token_names
 from .concept import check_strength, weight_delta
 from .scope import PromptWords
-from .train import DEFAULT_TEMPLATES, fill, kv_modules
+from .train import DEFAULT_TEMPLATES, fill
 
 NEG = -1e4  # additive attention bias that removes a key (exp(-1e4) == 0) and stays finite in fp16
 REG_TEMPLATES = ("a photo of a {}", "a painting of a {}", "a {} in the street", "a close-up of a {}",
@@ -34,54 +27,45 @@ REG_TEMPLATES = ("a photo of a {}", "a painting of a {}", "a {} in the street", 
                  "a {} in the snow", "a small {}")
 REG_WORDS = ("dog", "cat", "car", "house", "tree", "person", "bird", "flower", "chair", "bicycle", "boat", "mountain",
              "city", "horse", "cup", "book", "child", "river", "lamp", "train")
-# ordinary captions whose K/V outputs the merge preserves by default (Custom Diffusion uses 200 LAION captions)
 REG_PROMPTS = tuple(t.format(w) for t in REG_TEMPLATES for w in REG_WORDS)
-RIDGE = 1e-6  # the merge's ridge, relative to the mean eigenvalue (see merge_map)
+RIDGE = 1e-6  # the merge's ridge, relative to the mean eigenvalue
 
 
-# -- shared checks ----------------------------------------------------------------------------------
 def check_concepts(concepts, least: int, need_token: bool = False) -> list[Edit]:
     """Learned-concept edits with distinct tokens, at least `least` of them; StudioError otherwise."""
     concepts = list(concepts or [])
     if len(concepts) < least:
-        raise StudioError(f"composing needs at least {least} learned concept{'s' * (least > 1)} "
-                          f"(got {len(concepts)})")
+        raise StudioError(f"composing needs at least {least} learned concept(s) (got {len(concepts)})")
     tokens = set()
     for c in concepts:
         if not isinstance(c, Edit) or c.kind != "learned_concept":
             what = f"{c.title!r} (kind {c.kind!r})" if isinstance(c, Edit) else type(c).__name__
-            raise StudioError(f"{what} is not a learned concept: only concepts from the Customize tab can be composed")
+            raise StudioError(f"{what} is not a learned concept: only those can be composed")
         token = c.params.get("token")
         if token is None and need_token:
-            raise StudioError(f"{c.title!r} has no token, and the merge needs each concept's token features: "
-                              "compose it as a weighted adapter instead")
+            raise StudioError(f"{c.title!r} has no token, which the merge needs: compose it as an adapter instead")
         if token is not None:
             if token in tokens:
                 raise StudioError(f"two concepts use the token {token!r}: train one again under another token")
             tokens.add(token)
-            emb = c.tensors.get("embedding")
-            if emb is None or emb.dim() != 2:
-                raise StudioError(f"{c.title!r} has no valid 'embedding' tensor: it is damaged; train or import "
-                                  "it again")
+            if getattr(c.tensors.get("embedding"), "ndim", 0) != 2:
+                raise StudioError(f"{c.title!r} has no valid embedding: it is damaged; train or import it again")
     return concepts
 
 
-# -- (a) closed-form merge (Custom Diffusion) --------------------------------------------------------
 @torch.no_grad()
 def reg_gram(pipe, prompts: list[str]) -> torch.Tensor:
     """Σ c cᵀ over every position but SOS of every caption (what the UNet's K/V see): d x d, float64."""
     gram = 0
     for i in range(0, len(prompts), 50):
-        x = models.of(pipe).encode(prompts[i:i + 50]).embeds.float()[:, 1:]
-        x = x.reshape(-1, pipe.text_encoder.config.hidden_size).double().cpu()
+        x = models.of(pipe).encode(prompts[i:i + 50]).embeds[:, 1:].flatten(0, 1).double().cpu()
         gram = gram + x.T @ x
     return gram
 
 
 @torch.no_grad()
 def token_features(pipe, concept: Edit, templates) -> torch.Tensor:
-    """(m, d): text-encoder outputs at the concept's token positions in `templates`, computed with the
-    concept applied (its token, and any text-encoder change) in a throw-away patch."""
+    """(m, d): text-encoder outputs at the concept's token positions in `templates`, the concept applied."""
     with steering.temporary(pipe) as patch:
         EDIT_KINDS["learned_concept"](pipe, dict(concept.params), dict(concept.tensors), patch)
         token = concept.params["token"]
@@ -94,38 +78,28 @@ def token_features(pipe, concept: Edit, templates) -> torch.Tensor:
 
 
 def merge_map(targets: torch.Tensor, gram: torch.Tensor, ridge: float) -> torch.Tensor:
-    """T (m x d) such that every layer's merged change is ΔW = R·T, R (out x m) its residuals V_tgt − W₀·C_tgt.
+    """T with each layer's merged ΔW = R·T (R = V_tgt − W₀·C_tgt): min tr(ΔW A ΔWᵀ) s.t. ΔW·Cᵀ = R, A = C_regᵀC_reg,
+    gives R (C A⁻¹ Cᵀ)⁻¹ C A⁻¹; both inverses are ridged so near-duplicate targets stay stable."""
+    def ridged(m):
+        return m + ridge * m.trace() / len(m) * torch.eye(len(m), dtype=torch.float64)
 
-    Lagrange: min tr(ΔW A ΔWᵀ) s.t. ΔW·Cᵀ = R gives ΔW = R (C A⁻¹ Cᵀ)⁻¹ C A⁻¹, with A = C_regᵀC_reg.
-    Both inverses get a ridge relative to their mean eigenvalue, so near-duplicate targets stay stable.
-    """
-    eye = torch.eye(gram.shape[0], dtype=torch.float64)
-    a_inv_ct = torch.linalg.solve(gram + ridge * gram.trace() / len(gram) * eye, targets.T)  # A⁻¹ Cᵀ: d x m
-    inner = targets @ a_inv_ct
-    inner = inner + ridge * inner.trace() / len(inner) * torch.eye(len(inner), dtype=torch.float64)
-    return torch.linalg.solve(inner, a_inv_ct.T)
+    a_inv_ct = torch.linalg.solve(ridged(gram), targets.T)  # A⁻¹ Cᵀ: d x m
+    return torch.linalg.solve(ridged(targets @ a_inv_ct), a_inv_ct.T)
 
 
 def merge_edit(pipe, concepts: list[Edit], reg_prompts: list[str] | None = None) -> Edit:
-    """Merge concepts' K/V changes in closed form (Custom Diffusion): call it with the manager's lock held.
-
-    C_tgt: each concept's token features in training's templates; C_reg: all positions of `reg_prompts`
-    (default: REG_PROMPTS, 200 ordinary captions). Changes outside attn2 K/V are summed.
-    """
-    concepts = check_concepts(concepts, 2, need_token=True)
-    for c in concepts:
-        check_base(pipe, c.params)
-    templates, ridge = list(DEFAULT_TEMPLATES), RIDGE
+    """Merge concepts' K/V changes in closed form, keeping `reg_prompts`' outputs (call with the lock held)."""
+    concepts = check_concepts(concepts, 2, need_token=True)  # token_features refuses a concept of another model
     reg_prompts = [str(p) for p in (REG_PROMPTS if reg_prompts is None else reg_prompts) if str(p).strip()]
     if len(reg_prompts) < 10:
-        raise StudioError(f"the merge needs ordinary captions to preserve (about 200; got {len(reg_prompts)})")
-    kv = sorted(kv_modules(pipe.unet))
+        raise StudioError(f"the merge needs ordinary captions to keep (about 200; got {len(reg_prompts)})")
+    kv = sorted(models.of(pipe).text_projections())
     if not kv:
-        raise StudioError("this UNet has no plain cross-attention K/V layers (are adapters installed? undo them first)")
+        raise StudioError("this UNet has no plain cross-attention K/V layers: undo any installed adapters")
 
-    features = [token_features(pipe, c, templates) for c in concepts]
+    features = [token_features(pipe, c, DEFAULT_TEMPLATES) for c in concepts]
     targets, gram = torch.cat(features), reg_gram(pipe, reg_prompts)
-    T = merge_map(targets, gram, ridge)
+    T = merge_map(targets, gram, RIDGE)
     strengths = [check_strength(c.params.get("strength", 1.0)) for c in concepts]
     tensors, errors, reg = {}, [0.0] * len(concepts), {"merged": 0.0, "summed": 0.0, "base": 0.0}
     for name in kv:
@@ -134,8 +108,7 @@ def merge_edit(pipe, concepts: list[Edit], reg_prompts: list[str] | None = None)
         deltas = [None if d is None else s * d.double() for d, s in zip(deltas, strengths)]
         if all(d is None for d in deltas):
             continue
-        parts = [torch.zeros(len(w0), len(f), dtype=torch.float64) if d is None else d @ f.T
-                 for d, f in zip(deltas, features)]
+        parts = [w0.new_zeros(len(w0), len(f)) if d is None else d @ f.T for d, f in zip(deltas, features)]
         merged = torch.cat(parts, 1) @ T
         tensors[f"{name}.delta"] = merged.float()
         at_targets = (merged @ targets.T).split([len(f) for f in features], 1)
@@ -151,19 +124,17 @@ def merge_edit(pipe, concepts: list[Edit], reg_prompts: list[str] | None = None)
             tensors[f"{name}.delta"] = tensors.get(f"{name}.delta", 0) + delta
             owners.setdefault(c.params["token"], []).append(name)
     tokens = [c.params["token"] for c in concepts]
-    for i, c in enumerate(concepts):
-        tensors[f"embedding.{i}"] = c.tensors["embedding"].float().cpu()
+    tensors.update({f"embedding.{i}": c.tensors["embedding"].float().cpu() for i, c in enumerate(concepts)})
     notes = [f"{t}: textual inversion only (its token joins; its K/V outputs are kept as they are)"
              for t, c in zip(tokens, concepts) if not any(n in kv for n in c.params.get("modules", []))]
     if owners:
         count = len({n for names in owners.values() for n in names})
         notes.append(f"{count} weight change(s) outside cross-attention K/V were summed, not merged "
-                     f"({'; '.join(f'{t}: {len(n)}' for t, n in owners.items())}); where concepts share a layer "
-                     "they may interfere")
+                     f"({'; '.join(f'{t}: {len(n)}' for t, n in owners.items())}): shared layers may interfere")
     ratio = lambda key: round(math.sqrt(reg[key] / reg["base"]), 6) if reg["base"] else 0.0  # noqa: E731
     params = dict(tokens=tokens, concepts=[c.title for c in concepts], modules=sorted(n.removesuffix(".delta")
                   for n in tensors if n.endswith(".delta")), base_model=base_signature(pipe),
-                  reg_prompts=len(reg_prompts), templates=templates, ridge=ridge, notes=notes,
+                  reg_prompts=len(reg_prompts), templates=list(DEFAULT_TEMPLATES), ridge=RIDGE, notes=notes,
                   constraint_error={t: round(e, 6) for t, e in zip(tokens, errors)},
                   reg_change=ratio("merged"), reg_change_if_summed=ratio("summed"))
     return Edit("compose_merge", params, tensors, label=f"merge {' + '.join(tokens)} (closed form)")
@@ -181,10 +152,8 @@ def apply_merge(pipe, params: dict, tensors: dict, patch) -> None:
         models.of(pipe).install_tokens(token, tensors[f"embedding.{i}"], patch)
 
 
-# -- (b) weighted adapters (peft, unfused) -----------------------------------------------------------
 def lora_factors(tensors: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of a concept's change of `name`; a full delta becomes exact full-rank factors by SVD
-    (B = U·S, A = Vᴴ, no truncation), so Custom Diffusion's K/V changes can ride as adapters too."""
+    """(A, B) of a concept's change of `name`; a full delta becomes exact full-rank SVD factors (B = U·S, A = Vᴴ)."""
     if f"{name}.lora_A" in tensors:
         return tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
     delta = tensors.get(f"{name}.delta")
@@ -198,8 +167,7 @@ def lora_factors(tensors: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def adapters_edit(concepts: list[Edit], weights: list[float] | None = None) -> Edit:
-    """Every concept as its own peft LoRA adapter at `weights` (default 1 each), unfused, all active: the
-    weights stay adjustable without refitting anything (one concept is fine too)."""
+    """Every concept as its own unfused peft LoRA adapter at `weights` (default 1 each), all active."""
     concepts = check_concepts(concepts, 1)
     weights = [1.0] * len(concepts) if weights is None else list(weights)
     if len(weights) != len(concepts):
@@ -243,19 +211,17 @@ def apply_adapters(pipe, params: dict, tensors: dict, patch) -> None:
             else:
                 parent, attr, base = module_slot(pipe, name)
                 if isinstance(base, BaseTunerLayer):
-                    raise StudioError(f"{name} already carries peft adapters (another adapter composition?): "
-                                      "undo it first")
-                kind = next((k for t, k in ((nn.Linear, LoraLinear), (nn.Conv2d, LoraConv2d))
-                             if isinstance(base, t)), None)
+                    raise StudioError(f"{name} already carries peft adapters: undo that composition first")
+                kind = (LoraLinear if isinstance(base, nn.Linear) else
+                        LoraConv2d if isinstance(base, nn.Conv2d) else None)
                 if kind is None:
-                    raise StudioError(f"{name}: adapters ride only on linear and conv layers, "
-                                      f"not {type(base).__name__}")
+                    raise StudioError(f"{name} is a {type(base).__name__}: adapters ride on linear and conv layers")
                 layer = kind(base, adapter, config=config, r=len(a), lora_alpha=len(a))
                 layers[name] = (layer, parent, attr)
             for mod, value in ((layer.lora_A[adapter], a), (layer.lora_B[adapter], b)):
                 if tuple(mod.weight.shape) != tuple(value.shape):
-                    raise StudioError(f"{name}: the concept's factors have shape {tuple(value.shape)}, this layer "
-                                      f"needs {tuple(mod.weight.shape)} (learned on another architecture)")
+                    raise StudioError(f"{name}: factors of shape {tuple(value.shape)} do not fit "
+                                      f"{tuple(mod.weight.shape)}: learned on another architecture")
                 with torch.no_grad():
                     mod.weight.copy_(value)
             layer.set_scale(adapter, scale)  # peft's per-adapter scaling: alpha / r (= 1) times the weight
@@ -267,17 +233,15 @@ def apply_adapters(pipe, params: dict, tensors: dict, patch) -> None:
             models.of(pipe).install_tokens(e["token"], tensors[f"{i}/embedding"], patch)
 
 
-# -- steering: what (c) and (d) share --------------------------------------------------------------
 class Steering(PromptWords):
-    """An additive bias on the conditional rows' cross-attention during the first `until` of the denoising
-    passes (regions, T2I-Zero's suppression): subclasses give `bias(attn, q, k, hw)` -> (rows, N, T)."""
+    """A bias `bias(attn, q, k, hw)` -> (rows, N, T) on conditional cross-attention for the first `until` passes."""
 
     def __init__(self, pipe, words: list[str], until: float, signature: str):
         super().__init__(pipe, words, signature)
         self.until, self.first_site = until, None
 
     def tick(self, batch: int) -> None:
-        """Called once per UNet pass (by the first cross-attention layer); guidance passes do not count."""
+        """Called by the first cross-attention layer: counts UNet passes."""
         if self.positions is not None and batch == len(self.positions) * (2 if self.cfg else 1):
             self.passes += 1
 
@@ -292,7 +256,6 @@ class Steering(PromptWords):
         return slice(n, None) if self.cfg and batch == 2 * n else slice(None) if batch == n else None
 
     def install(self, patch, name: str) -> None:
-        """An 'attention' slot on every cross-attention site."""
         sites = models.of(self.pipe).attention_sites(cross=True)
         if not sites:
             raise StudioError("this UNet has no cross-attention layers to steer")
@@ -300,19 +263,16 @@ class Steering(PromptWords):
         steering.install(patch, self.pipe, "attention", name, self, sites)
 
     def wrap(self, site: str, attn, processor):
-        """A SteeredAttention around the site's processor, joining one already there."""
         clock = site == self.first_site
         if isinstance(processor, SteeredAttention):
             return SteeredAttention(processor.base, processor.steerings + [self], clock)
         if type(processor).__name__ in STANDARD_PROCESSORS:
             return SteeredAttention(processor, [self], clock)
-        raise StudioError(f"{site.removesuffix('.processor')} uses the attention processor "
-                          f"{type(processor).__name__} (installed by another edit or adapter): undo that first")
+        raise StudioError(f"{site} is a {type(processor).__name__} (another edit's): undo that edit first")
 
 
 class SteeredAttention:
-    """attn2 processor: SDPA plus the sum of its steerings' biases on the conditional rows (an attention mask: the
-    fused kernel stays); a pass with nothing to steer goes to the original processor unchanged."""
+    """attn2 processor: SDPA with the sum of its steerings' biases as the mask; unsteered passes go to `base`."""
 
     def __init__(self, base, steerings: list[Steering], clock: bool):
         self.base, self.steerings, self.clock = base, steerings, clock
@@ -335,22 +295,16 @@ class SteeredAttention:
         for s, rows in live:
             bias[rows] += s.bias(attn, q[rows], k[rows], grid_shape(q.shape[2], s.latent_hw))
         context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
-        heads, d = q.shape[1], q.shape[3]
-        v = attn.to_v(context).view(b, -1, heads, d).transpose(1, 2)
+        v = attn.to_v(context).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None].to(q.dtype), dropout_p=0.0)
-        out = out.transpose(1, 2).reshape(b, -1, heads * d).to(q.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
 
 
-# -- (c) region-aware sampling ----------------------------------------------------------------------
 def region_edit(regions: list[tuple[str, object]], *, until: float = 0.5, collage: float = 0.0) -> Edit:
-    """Each (words, region): the words' tokens are attended only inside the region, a box (x0, y0, x1, y1) in
-    fractions of the image or a 2-D mask of any size; `until`: the fraction of steps to steer (the layout is
-    fixed early: on the toy model half the steps kept both objects in 7/8 images, all of them in 6/8).
-    `collage` > 0 composes by collage instead (collage.py), redrawing that share of the steps."""
+    """Each (words, box or mask): the words are attended only inside it; `collage` > 0: compose by collage."""
     if not isinstance(regions, (list, tuple)):
         raise StudioError("regions are a list of (words, box or mask) pairs")
     specs, tensors = [], {}
@@ -386,34 +340,29 @@ def check_regions(params: dict, tensors: dict) -> None:
     for i, s in enumerate(specs):
         words = s.get("words")
         if not isinstance(words, str) or not words.strip():
-            raise StudioError(f"region {i + 1}: say which words of the prompt go in it (e.g. 'red circle' or "
-                              "'<my-cat>')")
+            raise StudioError(f"region {i + 1}: say which words of the prompt go in it (e.g. 'red circle')")
         if words.strip() in seen:
-            raise StudioError(f"the words {words!r} have two regions: give each words one region (draw a mask for "
-                              "several areas)")
+            raise StudioError(f"the words {words!r} have two regions: draw one mask for several areas")
         seen.add(words.strip())
         if "box" in s:
             box = s["box"]
-            ok = len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                       for v in box)
+            ok = len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
             if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-                raise StudioError(f"region {i + 1} ({words!r}): a box is (x0, y0, x1, y1) in fractions of the image "
-                                  f"with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (got {box!r})")
+                raise StudioError(f"region {i + 1} ({words!r}): a box is (x0, y0, x1, y1) with 0 <= x0 < x1 <= 1 "
+                                  f"and 0 <= y0 < y1 <= 1 (got {box!r})")
         else:
             mask = tensors.get(s.get("mask", ""))
             if mask is None or mask.dim() != 2 or not mask.numel():
-                raise StudioError(f"region {i + 1} ({words!r}): a mask must be a 2-D array (height x width, one "
-                                  f"channel); got shape {None if mask is None else tuple(mask.shape)}")
+                raise StudioError(f"region {i + 1} ({words!r}): a mask must be a 2-D array (got shape "
+                                  f"{None if mask is None else tuple(mask.shape)})")
             if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() <= 0:
-                raise StudioError(f"region {i + 1} ({words!r}): the mask is empty (or has negative or non-finite "
-                                  "values): paint the area where the words belong")
+                raise StudioError(f"region {i + 1} ({words!r}): the mask is empty or invalid: paint where the words go")
     number("the fraction of steps to steer", params.get("until", 1.0), 1e-9, 1)
     number("the collage's share of steps to redraw", params.get("collage", 0.0), 0, 1)
 
 
-def region_grid(spec: dict, mask: torch.Tensor | None, hw: tuple[int, int]) -> torch.Tensor:
-    """(h, w) bool: the region at an attention resolution (pixel centres in a box; a mask resized and
-    thresholded at 0.5). Never empty: a region smaller than one cell keeps its best cell."""
+def region_grid(spec: dict, tensors: dict, hw: tuple[int, int]) -> torch.Tensor:
+    """(h, w) bool: the region at an attention resolution; never empty (a tiny region keeps its best cell)."""
     h, w = hw
     if "box" in spec:
         x0, y0, x1, y1 = spec["box"]
@@ -422,15 +371,14 @@ def region_grid(spec: dict, mask: torch.Tensor | None, hw: tuple[int, int]) -> t
         if not soft.any():
             soft[min(int((y0 + y1) / 2 * h), h - 1), min(int((x0 + x1) / 2 * w), w - 1)] = 1
     else:
-        soft = F.interpolate(mask[None, None].float(), size=(h, w), mode="bilinear", antialias=True,
-                             align_corners=False)[0, 0]
+        mask = tensors[spec["mask"]][None, None].float()
+        soft = F.interpolate(mask, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0, 0]
     inside = soft >= 0.5
     return inside if inside.any() else soft >= soft.max()
 
 
 class RegionSteering(Steering):
-    """A region's tokens can be attended only by query pixels inside it: pixels outside lose them, so pixels
-    inside one region also never see another region's tokens."""
+    """A region's tokens can be attended only by query pixels inside it."""
 
     def __init__(self, pipe, params: dict, tensors: dict):
         specs = params["regions"]
@@ -440,8 +388,7 @@ class RegionSteering(Steering):
 
     def bias(self, attn, q, k, hw):
         if hw not in self.grids:
-            self.grids[hw] = torch.stack([region_grid(s, self.tensors.get(s.get("mask", "")), hw).flatten()
-                                          for s in self.specs])
+            self.grids[hw] = torch.stack([region_grid(s, self.tensors, hw).flatten() for s in self.specs])
         inside = self.grids[hw].to(q.device)
         out = torch.zeros(q.shape[0], q.shape[2], k.shape[2], device=q.device)
         for r, groups in enumerate(self.positions):
@@ -452,15 +399,11 @@ class RegionSteering(Steering):
         return out
 
 
-# -- (d) Multi-Concept T2I-Zero ---------------------------------------------------------------------
-# Not the paper's values (not checkable offline): A&E's smoothing, hard suppression, top-3 / temperature 0.1.
 T2I_ZERO_DEFAULTS = dict(correction=True, top_k=3, temperature=0.1, nms=True, suppress=0.0, smooth=[3, 0.5], until=1.0)
 
 
 def t2i_zero_edit(words: list[str], **options) -> Edit:
-    """Multi-Concept T2I-Zero for the concept `words` of the prompt (learned tokens or plain words):
-    `correction` (top_k, temperature; see correct_by_similarities) and/or `nms` (suppress, smooth=[kernel,
-    sigma], until; see nms_bias)."""
+    """Multi-Concept T2I-Zero for the concept `words`: `correction` and/or `nms` (defaults: not the paper's)."""
     words = [words] if isinstance(words, str) else list(words or [])
     params = {**T2I_ZERO_DEFAULTS, **options, "words": words}
     check_t2i_zero(params)
@@ -473,8 +416,7 @@ def check_t2i_zero(p: dict) -> dict:
     p = {**T2I_ZERO_DEFAULTS, **p}
     words = [w.strip() for w in p.get("words") or [] if isinstance(w, str) and w.strip()]
     if len(words) < 2 or len(words) != len(p["words"]):
-        raise StudioError("T2I-Zero needs at least two concept words of the prompt (e.g. '<my-cat>', '<my-dog>'), "
-                          "none of them empty")
+        raise StudioError("T2I-Zero needs at least two concept words of the prompt, none of them empty")
     if len(set(words)) != len(words):
         raise StudioError("each concept word once: T2I-Zero separates different concepts")
     if not isinstance(p["correction"], bool) or not isinstance(p["nms"], bool) or not (p["correction"] or p["nms"]):
@@ -493,8 +435,7 @@ def check_t2i_zero(p: dict) -> dict:
 
 def correct_by_similarities(embeds: torch.Tensor, positions: list[list[int]], lengths: list[int],
                             top_k: int = 3, temperature: float = 0.1) -> torch.Tensor:
-    """T2I-Zero's correction: a concept token's embedding becomes the softmax(cos / temperature) mix of the top_k
-    word tokens of its prompt most similar to it (itself included), shedding what the causal encoder mixed in."""
+    """T2I-Zero's correction: each concept token becomes the softmax(cos / T) mix of its top_k most similar words."""
     out = embeds.clone()
     for r, (pos, n) in enumerate(zip(positions, lengths)):
         words = embeds[r, 1:n - 1].float()  # the prompt's word tokens: no SOS, EOS or padding
@@ -509,9 +450,7 @@ def correct_by_similarities(embeds: torch.Tensor, positions: list[list[int]], le
 
 def nms_bias(probs: torch.Tensor, groups: list[list[list[int]]], hw: tuple[int, int], smooth=(3, 0.5),
              suppress: float = 0.0) -> torch.Tensor:
-    """Cross-token non-maximum suppression as a bias (rows, N, T): per pixel, of each row's concept words (groups
-    [row]: positions per word) only the one of largest smoothed attention (probs: head mean) keeps its keys; the
-    others get log(suppress)."""
+    """Cross-token NMS as a bias: per pixel only the word of largest smoothed attention keeps its keys."""
     out = torch.zeros_like(probs, dtype=torch.float32)
     floor = math.log(suppress) if suppress > 0 else NEG
     h, w = hw
@@ -535,7 +474,6 @@ class T2IZeroSteering(Steering):
         self.p = p
 
     def condition(self, cond, plan: steering.Plan):
-        """The correction, on the conditional rows (one per prompt; `positions` has one per image)."""
         if self.positions is None:
             return cond
         flat = [[c for pos in row for c in pos] for row in self.positions[::plan.images]]
@@ -543,8 +481,7 @@ class T2IZeroSteering(Steering):
                                                             self.p["top_k"], self.p["temperature"]))
 
     def bias(self, attn, q, k, hw):
-        probs = attention_probs(attn, q, k).mean(1)
-        return nms_bias(probs, self.positions, hw, self.p["smooth"], self.p["suppress"])
+        return nms_bias(attention_probs(attn, q, k).mean(1), self.positions, hw, self.p["smooth"], self.p["suppress"])
 
 
 @edit_kind("compose_t2i_zero")

@@ -1,14 +1,5 @@
-"""A learned concept as one edit: new token(s) in the vocabulary plus optional weight changes.
-
-The token is added by the model layer (`install_tokens`) as diffusers' textual-inversion loader adds it ("<x>"
-of several vectors becomes "<x>", "<x>_1", ..., which the pipeline expands in prompts), but through the edit stack,
-so undo is bit-identical.
-
-Params: "token" (None for a weights-only concept such as an imported LoRA), "more_tokens" (learned together;
-vectors "embedding.1", ...), "modules" (the changed weights), "strength", "base_model" (optional). Tensors:
-"embedding" [vectors, d] fp32, and per changed weight "{name}.lora_A"/"{name}.lora_B" (conv factors 4-D) or
-"{name}.delta" (a full change, as Custom Diffusion trains).
-"""
+"""A learned concept as one edit: new token(s) ("token", may be None; "more_tokens") installed through the edit
+stack, tensors "embedding" [vectors, d] ("embedding.1", ...) and per changed weight "{name}.lora_A/B" or ".delta"."""
 from __future__ import annotations
 
 import math
@@ -26,8 +17,7 @@ MAX_VECTORS = 16
 
 
 def factors(tensors: dict, name: str, shape) -> tuple | None:
-    """The change of weight `name` as a layer applies it: (A, B) of a LoRA (conv: A carries the kernel, B is
-    a 1x1 conv), or (delta,) shaped like the weight; None when the concept does not change it."""
+    """The change of weight `name` as (A, B) of a LoRA (conv: B a 1x1 conv) or (delta,), or None."""
     if f"{name}.delta" in tensors:
         delta = tensors[f"{name}.delta"].float()
         fits = delta.numel() == math.prod(shape)
@@ -37,8 +27,7 @@ def factors(tensors: dict, name: str, shape) -> tuple | None:
     else:
         return None
     if not fits:
-        raise StudioError(f"{name}: the concept's change does not fit the weight {tuple(shape)} (it was learned on "
-                          "another architecture)")
+        raise StudioError(f"{name}: the change does not fit the weight {tuple(shape)}: learned on another architecture")
     if f"{name}.delta" in tensors:
         return (delta.reshape(shape),)
     if len(shape) == 4:
@@ -47,17 +36,11 @@ def factors(tensors: dict, name: str, shape) -> tuple | None:
 
 
 def weight_delta(tensors: dict, name: str, shape) -> torch.Tensor | None:
-    """The fp32 weight-shaped change of `name` stored in `tensors` (the delta, or B·A of a LoRA), or None."""
+    """The fp32 weight-shaped change of `name` (the delta, or B·A of a LoRA), or None."""
     change = factors(tensors, name, shape)
     if change is None:
         return None
     return change[0] if len(change) == 1 else (change[1].flatten(1) @ change[0].flatten(1)).reshape(shape)
-
-
-def scope_of(params: dict) -> str:
-    """Where a concept's UNet changes act: "prompt" (images whose prompt uses its token) or "always" (merged
-    into the weights; concepts without a token, and those saved before scopes existed)."""
-    return "always" if params.get("token") is None else params.get("scope", "always")
 
 
 def check_strength(strength) -> float:
@@ -65,7 +48,6 @@ def check_strength(strength) -> float:
 
 
 def with_strength(edit: Edit, strength: float | None = None, scope: str | None = None) -> Edit:
-    """The same concept with its weight changes at another strength and/or scope (the token is unchanged)."""
     if edit.kind != "learned_concept":
         raise StudioError(f"{edit.title} is not a learned concept (kind {edit.kind!r})")
     params = dict(edit.params)
@@ -84,15 +66,16 @@ def apply_learned_concept(pipe, params: dict, tensors: dict, patch) -> None:
     embedding = tensors.get("embedding")
     if params.get("token") is not None and (embedding is None or embedding.dim() != 2
                                             or not 1 <= len(embedding) <= MAX_VECTORS):
-        raise StudioError("this concept has no valid 'embedding' tensor: it is damaged; train or import it again")
+        raise StudioError("this concept has no valid embedding: it is damaged; train or import it again")
     check_base(pipe, params)
+    in_prompt = params.get("token") is not None and params.get("scope") == "prompt"  # older concepts: always
     scoped = {}
     for name in params.get("modules", []):
         w = patch.read(name)
         change = factors(tensors, name, w.shape)
         if change is None:
             raise StudioError(f"this concept lacks the change of {name}: it is damaged; train or import it again")
-        if scope_of(params) == "prompt" and name.startswith("unet."):
+        if in_prompt and name.startswith("unet."):
             scoped[name] = change
         else:
             patch.write(name, w.float() + strength * weight_delta(tensors, name, w.shape).to(w.device))

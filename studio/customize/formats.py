@@ -1,16 +1,5 @@
-"""Learned concepts in the files other tools load, and back.
-
-Export (`export_concept`), per format:
-- "embedding": `<name>.safetensors` = `{"emb_params": [vectors, d]}`, the textual-inversion file of A1111 and
-  ComfyUI (they call it by the file name); diffusers: `pipe.load_textual_inversion(path, token="<x>")`.
-- "lora": `<name>-lora.safetensors` with kohya keys (A1111, ComfyUI, diffusers' `load_lora_weights`): a concept's
-  own factors as they are (conv 4-D, as kohya LoCon), full deltas by lora_export's SVD at `rank`; no token.
-- "custom_diffusion": a folder `<name>-custom-diffusion/` as diffusers' Custom Diffusion script leaves it (full
-  K/V weights in CD_WEIGHTS, the token in EMBEDS); diffusers 0.42: `pipe.load_textual_inversion(folder)` and
-  `pipe.unet.load_attn_procs(folder, weight_name=CD_WEIGHTS, _pipeline=pipe)` (`_pipeline`: diffusers #9320).
-Import (`import_concept`) reads those, diffusers' learned_embeds, A1111 `.pt` embeddings (`torch.load` with
-`weights_only` only) and kohya LoRAs into one "learned_concept" Edit, checked against the model first.
-"""
+"""Learned concepts in the files other tools load, and back: A1111/ComfyUI embeddings, kohya LoRAs and
+diffusers' Custom Diffusion folders; pickles are read only through `torch.load(weights_only=True)`."""
 from __future__ import annotations
 
 import math
@@ -25,6 +14,7 @@ from ..checks import base_signature, check_base
 from ..edit_files import read_tensors, save_tensors
 from ..edits import Edit, find_tensor
 from ..errors import StudioError
+from ..loading import PICKLE_SUFFIXES
 from ..lora_export import lora_from_changes, save_lora, skipped_text
 from ..tokenizer import check_token
 from ..training import concept_label
@@ -34,21 +24,17 @@ from .scope import check_scope
 FORMATS = ("embedding", "lora", "custom_diffusion")
 CD_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
 EMBEDS = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 LYCORIS_PARTS = ("hada_", "lokr_", "lora_mid", "dora_scale", "diff", "on_input", "w_norm", "b_norm")
 KV = ("to_k.weight", "to_v.weight")
 
 
 def _pipe_of(model):
-    """(pipeline, manager or None) from a PipelineManager, a pipeline or None."""
-    is_manager = hasattr(model, "stack") and hasattr(model, "lock")
-    return (model.pipe, model) if is_manager else (model, None)
+    return (model.pipe, model) if hasattr(model, "stack") and hasattr(model, "lock") else (model, None)
 
 
 def _base_value(model, name: str) -> torch.Tensor:
-    """Weight `name` of the model as loaded: with a manager, the value before any applied edit touched
-    it; with a bare pipeline, its current value (the concept must not be applied there)."""
+    """Weight `name` before any applied edit (with a bare pipeline: its current value)."""
     pipe, manager = _pipe_of(model)
     if manager is not None:
         with manager.lock:
@@ -59,21 +45,18 @@ def _base_value(model, name: str) -> torch.Tensor:
 
 
 def file_stem(token: str | None) -> str:
-    """A file name for a token: '<my-cat>' -> 'my-cat' (what A1111 calls an embedding by)."""
+    """A file name for a token: '<my-cat>' -> 'my-cat'."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(token or "").strip("<>")).strip("-.") or "concept"
 
 
 def _concept_parts(edit: Edit):
     if not isinstance(edit, Edit) or edit.kind != "learned_concept":
         raise StudioError(f"only learned concepts can be exported this way (got {getattr(edit, 'title', edit)!r})")
-    params, tensors = edit.params, edit.tensors
-    return params, tensors, params.get("token"), check_strength(params.get("strength", 1.0))
+    return edit.params, edit.tensors, edit.params.get("token"), check_strength(edit.params.get("strength", 1.0))
 
 
-# -- export -------------------------------------------------------------------------------------
 def lora_state(edit: Edit, rank: int = 16, pipe=None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Kohya-key LoRA tensors of the concept's weight changes at its strength, and a report: its LoRA
-    factors go in as they are, full deltas are factored at `rank` (lora_export's SVD, one alpha for all)."""
+    """Kohya-key LoRA of the concept's changes at its strength (full deltas factored at `rank`), and a report."""
     params, tensors, _, strength = _concept_parts(edit)
     factors, deltas = {}, {}
     cpu = lambda key: tensors[key].detach().float().cpu()  # noqa: E731
@@ -88,32 +71,27 @@ def lora_state(edit: Edit, rank: int = 16, pipe=None) -> tuple[dict[str, torch.T
 
 
 def custom_diffusion_state(edit: Edit, model) -> tuple[dict[str, torch.Tensor], dict]:
-    """The concept's attention changes as diffusers' Custom Diffusion file: full weights (base + change
-    at the concept's strength) per attention processor, an empty placeholder for the others."""
+    """The concept's attention changes as diffusers' Custom Diffusion file: full weights per processor."""
     params, tensors, _, strength = _concept_parts(edit)
     pipe = _pipe_of(model)[0]
     if pipe is None:
-        raise StudioError("Custom Diffusion files hold full weights: export them with the model the concept "
-                          "was learned on (model=manager)")
+        raise StudioError("Custom Diffusion files hold full weights: export them with the model (model=manager)")
     check_base(pipe, params, fix="load that model to export its Custom Diffusion weights")
     modules = list(params.get("modules", []))
     processors = models.of(pipe).custom_diffusion_keys()
     other = [n for n in modules if n not in {n for keys in processors.values() for n in keys.values()}]
     if other:
-        raise StudioError(f"Custom Diffusion files carry only attention projections; {len(other)} changed weights "
-                          f"(e.g. {other[0]}) would be lost: export this concept as a LoRA")
+        raise StudioError(f"Custom Diffusion files carry only attention projections, not {other[0]}: export a LoRA")
     if not modules:
         raise StudioError("this concept changes no weights: export its embedding instead")
     state, written, layers = {}, [], 0
     for proc, keys in processors.items():
         touched = [n for n in keys.values() if n in modules]
         if not touched:
-            # set_attn_processor wants one for every attention; safetensors cannot store save_attn_procs' {}
-            state[proc] = torch.zeros(0)
+            state[proc] = torch.zeros(0)  # every attention needs an entry; safetensors cannot store {}
             continue
         layers += 1
-        # the loader reads the shapes from to_k, so k and v go together; q and out go together too
-        q_out = any(not n.endswith(KV) for n in touched)
+        q_out = any(not n.endswith(KV) for n in touched)  # k, v go together (shapes from to_k); so do q, out
         for key, name in keys.items():
             if q_out or name.endswith(KV):
                 base = _base_value(model, name)
@@ -124,16 +102,12 @@ def custom_diffusion_state(edit: Edit, model) -> tuple[dict[str, torch.Tensor], 
 
 
 def export_concept(edit: Edit, folder, formats=FORMATS, rank: int = 16, model=None) -> dict:
-    """Write the concept in each of `formats` into `folder`; returns what was written, per format the
-    error that stopped it, and notes. `model` (the PipelineManager or pipeline the concept belongs to)
-    is needed for Custom Diffusion (full weights) and checks LoRA layer types; `rank` is the LoRA rank
-    for full deltas (a concept's own LoRA factors keep theirs)."""
+    """Write the concept in `formats` into `folder` (Custom Diffusion needs `model`); written, errors, notes."""
     params, tensors, token, strength = _concept_parts(edit)
     formats = (formats,) if isinstance(formats, str) else tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
-        raise StudioError(f"unknown export format(s) {', '.join(map(repr, unknown)) or '(none)'}: choose from "
-                          f"{', '.join(FORMATS)}")
+        raise StudioError(f"unknown export format {', '.join(map(repr, unknown)) or 'none'}: choose from {FORMATS}")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise StudioError(f"{folder} is a file: choose a folder to export into")
@@ -148,18 +122,16 @@ def export_concept(edit: Edit, folder, formats=FORMATS, rank: int = 16, model=No
         try:
             if fmt == "embedding":
                 if token is None or "embedding" not in tensors:
-                    raise StudioError("this concept has no token (a weights-only concept such as an imported LoRA): "
-                                      "there is no embedding to export")
+                    raise StudioError("this concept has no token: there is no embedding to export")
                 emb = {"emb_params": tensors["embedding"].detach().float()}
                 paths = [save_tensors(emb, folder / f"{stem}.safetensors", {**meta, "format": "pt"})]
-                notes.append(f"embedding: A1111/ComfyUI call it '{stem}' (the file name); diffusers: "
+                notes.append(f"embedding: A1111/ComfyUI call it '{stem}'; diffusers: "
                              f"pipe.load_textual_inversion('{paths[0]}', token='{token}')")
             elif fmt == "lora":
                 state, report = lora_state(edit, rank, _pipe_of(model)[0])
                 if not state:
-                    why = skipped_text(report)
-                    raise StudioError("this concept changes no weight a LoRA can carry" + (f" ({why})" if why else
-                                      " (a token-only concept: export its embedding)"))
+                    why = skipped_text(report) or "a token-only concept: export its embedding"
+                    raise StudioError(f"this concept changes no weight a LoRA can carry ({why})")
                 paths = [save_lora(state, report, folder / f"{stem}-lora.safetensors", rank, meta)]
                 out["lora"] = report
                 if any(m["source"] == "svd" for m in report["modules"].values()):
@@ -174,9 +146,8 @@ def export_concept(edit: Edit, folder, formats=FORMATS, rank: int = 16, model=No
                 sub = folder / f"{stem}-custom-diffusion"
                 paths = [save_tensors(state, sub / CD_WEIGHTS, {"format": "pt", **meta})]
                 if token:
-                    emb = tensors["embedding"].float()
-                    paths.append(save_tensors({token: emb[0] if len(emb) == 1 else emb}, sub / EMBEDS,
-                                              {"format": "pt"}))
+                    emb = {token: tensors["embedding"].float().squeeze(0)}  # one vector: 1-D, as diffusers writes
+                    paths.append(save_tensors(emb, sub / EMBEDS, {"format": "pt"}))
                 out["custom_diffusion"] = {**report, "folder": str(sub)}
                 notes.append(f"custom_diffusion: diffusers: pipe.load_textual_inversion('{sub}'); "
                              f"pipe.unet.load_attn_procs('{sub}', weight_name='{CD_WEIGHTS}', _pipeline=pipe)")
@@ -186,20 +157,15 @@ def export_concept(edit: Edit, folder, formats=FORMATS, rank: int = 16, model=No
     return out
 
 
-# -- reading files ------------------------------------------------------------------------------
 def _flatten(obj, prefix: str = "") -> dict:
-    """Nested dicts of a torch.load result as 'a.b' keys; tensors, plain values and empty dicts kept."""
+    """Nested dicts of a torch.load result as 'a.b' keys."""
     if not isinstance(obj, dict) or not obj:
         return {prefix.rstrip("."): obj}
     return {k: v for key, value in obj.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
 
 
-def read_file(path) -> tuple[dict, dict]:
-    """(tensors and plain values by key, metadata) of a safetensors file, or of a pickle checkpoint that
-    `torch.load(weights_only=True)` can read without running code; anything else is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise StudioError(f"{path}: no such file")
+def read_file(path: Path) -> tuple[dict, dict]:
+    """(values by key, metadata) of a safetensors file, or of a pickle that `weights_only` loading reads."""
     suffix = path.suffix.lower()
     if path.stat().st_size == 0:
         raise StudioError(f"{path.name} is empty (0 bytes)")
@@ -210,9 +176,8 @@ def read_file(path) -> tuple[dict, dict]:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             needs = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            raise StudioError(f"{path.name}: pickle checkpoint: convert it to safetensors. It holds Python objects "
-                              + (f"({needs.group(1)}) " if needs else "") + "that only a full unpickle can rebuild, "
-                              "and unpickling can run arbitrary code: Concept Studio reads only plain tensors") from None
+            raise StudioError(f"{path.name}: pickle checkpoint: convert it to safetensors (it holds "
+                              f"{needs.group(1) if needs else 'Python objects'}; unpickling can run code)") from None
         except (RuntimeError, OSError, EOFError, ValueError) as exc:
             raise StudioError(f"{path.name} is not a readable PyTorch file: {exc}") from None
         obj = {"": obj} if torch.is_tensor(obj) else obj
@@ -220,8 +185,7 @@ def read_file(path) -> tuple[dict, dict]:
             raise StudioError(f"{path.name} holds a {type(obj).__name__}, not tensors by name")
         state, meta = _flatten(obj), {}
     else:
-        raise StudioError(f"{path.name}: unsupported file type {suffix or '(none)'}; concepts come as .safetensors "
-                          "(or as .pt/.bin embeddings)")
+        raise StudioError(f"{path.name}: unsupported file type {suffix or '(none)'}; use .safetensors or .pt/.bin")
     if not any(torch.is_tensor(v) and v.numel() for v in state.values()):
         raise StudioError(f"{path.name} is empty: it holds no tensors")
     bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
@@ -231,7 +195,7 @@ def read_file(path) -> tuple[dict, dict]:
 
 
 def detect_format(state: dict) -> str:
-    """'embedding', 'lora' (kohya keys), 'custom_diffusion', or a StudioError naming the unknown keys."""
+    """'embedding', 'lora' (kohya keys) or 'custom_diffusion'."""
     keys = [k for k, v in state.items() if torch.is_tensor(v)]
     if any("_custom_diffusion." in k for k in keys):
         return "custom_diffusion"
@@ -246,13 +210,10 @@ def detect_format(state: dict) -> str:
         return "embedding"  # diffusers' learned_embeds: {token: vectors}
     if any(k.endswith((".lora_A.weight", ".lora_B.weight")) or ".lora.down." in k or "_lora.down." in k
            for k in keys):
-        raise StudioError("this is a diffusers/peft-format LoRA (keys like unet....lora_A.weight); load it with "
-                          "diffusers' load_lora_weights, or convert it to kohya keys first")
-    raise StudioError(f"unknown file contents: keys such as {', '.join(keys[:4])} are neither an embedding, a kohya "
-                      "LoRA nor Custom Diffusion weights")
+        raise StudioError("this is a diffusers/peft-format LoRA: load it with load_lora_weights, or make it kohya")
+    raise StudioError(f"unknown file contents ({', '.join(keys[:4])}): not an embedding, LoRA or Custom Diffusion")
 
 
-# -- import -------------------------------------------------------------------------------------
 def _embedding_from(state: dict, meta: dict, path: Path, default: str | None = None) -> tuple[torch.Tensor, str]:
     """(vectors [n, d], the token the file names) of an embedding file."""
     default = default or path.stem
@@ -260,13 +221,12 @@ def _embedding_from(state: dict, meta: dict, path: Path, default: str | None = N
         vec, name = state["emb_params"], meta.get("studio_token") or default
     elif "string_to_param.*" in state:
         vec = state["string_to_param.*"]
-        name = state.get("name") if isinstance(state.get("name"), str) and state.get("name") else default
+        name = state["name"] if isinstance(state.get("name"), str) and state["name"] else default
     else:
         key = next(k for k, v in state.items() if torch.is_tensor(v) and v.numel())
         vec, name = state[key], key or default
     if not torch.is_tensor(vec) or vec.dim() not in (1, 2) or not vec.numel():
-        raise StudioError(f"{path.name}: the embedding has shape {tuple(getattr(vec, 'shape', ()))}, expected "
-                          "[vectors, width]")
+        raise StudioError(f"{path.name}: the embedding's shape is {tuple(getattr(vec, 'shape', ()))}, not [vectors, d]")
     vec = vec.detach().float().reshape(-1, vec.shape[-1]).contiguous()
     if len(vec) > MAX_VECTORS:
         raise StudioError(f"{path.name}: {len(vec)} vectors; at most {MAX_VECTORS} are supported")
@@ -277,33 +237,29 @@ def _lora_from(state: dict, path: Path, pipe) -> dict[str, torch.Tensor]:
     """Concept tensors ({name}.lora_A/B, scale alpha/rank folded into B) of a kohya LoRA."""
     bad = sorted({k.split(".", 1)[1] for k in state if "." in k and k.split(".", 1)[1].startswith(LYCORIS_PARTS)})
     if bad:
-        raise StudioError(f"{path.name} is a LyCORIS/DoRA network ({', '.join(bad[:3])}): only plain LoRA "
-                          "(lora_down/lora_up/alpha) can be imported")
+        raise StudioError(f"{path.name} is a LyCORIS/DoRA network ({', '.join(bad[:3])}): import a plain LoRA")
     family = models.of(pipe)
     groups: dict[str, dict] = {}
     for key, value in family.lora_from_file(state, path.name).items():
         lora_name, _, part = key.partition(".")
         if part not in LORA_PARTS or not lora_name.startswith(tuple(family.lora_prefixes.values())):
-            raise StudioError(f"{path.name}: unknown key {key!r} (a kohya LoRA has <layer>.lora_down.weight, "
-                              ".lora_up.weight and .alpha)")
+            raise StudioError(f"{path.name}: unknown key {key!r} (a kohya LoRA has lora_down, lora_up and alpha)")
         groups.setdefault(lora_name, {})[part] = value
     names = family.lora_weights()
     missing = [k for k in groups if k not in names]
     if missing:
-        raise StudioError(f"{path.name} does not fit this model: {len(missing)} of its {len(groups)} layers are not "
-                          f"in it (e.g. {missing[0]}): it was made for another architecture")
+        raise StudioError(f"{path.name} does not fit this model: layers not in it, e.g. {missing[0]}")
     out = {}
     for lora_name, parts in sorted(groups.items()):
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise StudioError(f"{path.name}: {lora_name} lacks its lora_down or lora_up weight: the file is damaged")
+            raise StudioError(f"{path.name}: {lora_name} lacks lora_down or lora_up: the file is damaged")
         down, up = parts["lora_down.weight"].detach().float(), parts["lora_up.weight"].detach().float()
         name, r = names[lora_name], len(down)
         shape = tuple(find_tensor(pipe, name).shape)
         kernel = shape[1:] if len(shape) == 4 else (shape[1], 1, 1)  # down: flat, or a conv of the layer's kernel
         if tuple(down.shape) not in ((r, math.prod(kernel)), (r, *kernel)) \
                 or tuple(up.shape) not in ((shape[0], r), (shape[0], r, 1, 1)):  # up: flat or a 1x1 conv
-            raise StudioError(f"{path.name}: {lora_name} has down {tuple(down.shape)} / up {tuple(up.shape)}, the "
-                              f"model's layer is {shape}: it was made for another architecture")
+            raise StudioError(f"{path.name}: {lora_name} does not fit the layer {shape}: made for another architecture")
         scale = float(parts.get("alpha", r)) / r  # values are finite: read_file checked them
         out[f"{name}.lora_A"] = down.contiguous()
         out[f"{name}.lora_B"] = (up if scale == 1.0 else up * scale).contiguous()
@@ -311,8 +267,7 @@ def _lora_from(state: dict, path: Path, pipe) -> dict[str, torch.Tensor]:
 
 
 def exact_delta(base: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A delta d with (base + d) == target exactly in base's dtype where floats allow (as the concept edit
-    adds it: fp32 sum, cast back); returns it and how many values stay inexact."""
+    """d with (base + d) == target in base's dtype (fp32 sum, cast back) where floats allow; and the misses."""
     b, t = base.detach().float().cpu(), target.detach().float().cpu()
     d = t - b
     for _ in range(8):
@@ -333,25 +288,22 @@ def _custom_diffusion_from(state: dict, path: Path, model) -> tuple[dict[str, to
         if not torch.is_tensor(value) or not value.numel():
             continue  # an attention with default behaviour
         if key not in names:
-            raise StudioError(f"{path.name} does not fit this model: {key!r} is not a Custom Diffusion weight of its "
-                              "attention layers (the file was made for another architecture, or is damaged)")
+            raise StudioError(f"{path.name} does not fit this model (another architecture?): no weight {key!r}")
         name = names[key]
         live = find_tensor(pipe, name)
         if tuple(value.shape) != tuple(live.shape):
-            raise StudioError(f"{path.name}: {key} has shape {tuple(value.shape)}, the model's {name} is "
-                              f"{tuple(live.shape)}: it was made for another architecture")
+            raise StudioError(f"{path.name}: {key} does not fit {tuple(live.shape)}: made for another architecture")
         delta, inexact = exact_delta(_base_value(model, name), value.to(live.dtype))
         if inexact:
             notes.append(f"{name}: {inexact} values cannot be reproduced exactly on this model's weights")
         if delta.any():
             out[f"{name}.delta"] = delta.contiguous()
     if not out:
-        raise StudioError(f"{path.name}: its weights equal this model's: there is no change to import")
+        raise StudioError(f"{path.name}: its weights equal this model's: nothing to import")
     return out, notes
 
 
 def _expand(paths) -> list[Path]:
-    """The files to import: the given ones, and a folder's .safetensors/.pt/.bin files."""
     files, suffixes = [], (".safetensors", *PICKLE_SUFFIXES)
     for p in map(Path, [paths] if isinstance(paths, (str, Path)) else list(paths or [])):
         if not p.is_file() and not p.is_dir():
@@ -366,11 +318,7 @@ def _expand(paths) -> list[Path]:
 
 
 def import_concept(paths, token: str | None = None, pipe=None, strength: float = 1.0, scope: str = "prompt") -> Edit:
-    """A "learned_concept" Edit (not applied) from embedding / kohya LoRA / Custom Diffusion files or
-    folders; several files combine (e.g. an embedding and a LoRA). `token` names the concept (default:
-    what the embedding file says, or its file name). `pipe` (a pipeline or PipelineManager) is needed
-    for LoRA and Custom Diffusion files and checks every shape and the token against the model. `scope`:
-    where the UNet changes act ("prompt": images whose prompt uses the token; without a token always)."""
+    """A "learned_concept" Edit from files or folders; weights need `pipe` (pipeline or manager) to check them."""
     scope, model, files = check_scope(scope), pipe, _expand(paths)
     pipe = _pipe_of(model)[0]
     embeddings, formats, notes, weights = [], [], [], {}  # embeddings: (vectors, the token a file names)
@@ -384,8 +332,7 @@ def import_concept(paths, token: str | None = None, pipe=None, strength: float =
                 notes.append(f"{path.name} was exported from another model (signature {base})")
             continue
         if pipe is None:
-            raise StudioError(f"{path.name}: importing {formats[-1]} weights needs the model (pipe=...) they were made "
-                              "for, to check them against its layers and turn them into changes")
+            raise StudioError(f"{path.name}: importing {formats[-1]} weights needs the model they are for (pipe=...)")
         if formats[-1] == "custom_diffusion":
             new, cd_notes = _custom_diffusion_from(state, path, model)
             notes += cd_notes
@@ -399,11 +346,10 @@ def import_concept(paths, token: str | None = None, pipe=None, strength: float =
             new = _lora_from(state, path, pipe)
         clash = {k.rsplit(".", 1)[0] for k in new} & {k.rsplit(".", 1)[0] for k in weights}
         if clash:
-            raise StudioError(f"{path.name} changes {sorted(clash)[0]} again (another file already did): import "
-                              "them as separate concepts")
+            raise StudioError(f"{path.name} changes {sorted(clash)[0]} again: import the files as separate concepts")
         weights.update(new)
     if len(embeddings) > 1:
-        raise StudioError("the files bring more than one embedding: import one concept's token at a time")
+        raise StudioError("the files bring more than one embedding: import one at a time")
     if token is not None and not embeddings:
         raise StudioError(f"a token ({token}) was given but none of the files is an embedding")
     if embeddings:
@@ -412,8 +358,7 @@ def import_concept(paths, token: str | None = None, pipe=None, strength: float =
         token = check_token(family.tokenizers[0] if family else None, token or file_token)
         width = family.token_tables()[0].embedding_dim if family else embedding.shape[-1]
         if embedding.shape[-1] != width:
-            raise StudioError(f"the embedding has width {embedding.shape[-1]}, this text encoder's is {width}: it "
-                              "was made for another architecture")
+            raise StudioError(f"the embedding has width {embedding.shape[-1]}, not {width}: made for another model")
         weights["embedding"] = embedding
     modules = sorted({k.rsplit(".", 1)[0] for k in weights if k != "embedding"})
     params = {"method": "imported", "token": token, "modules": modules,  # no embedding: token is None

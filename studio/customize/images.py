@@ -1,8 +1,4 @@
-"""Training images for a concept: loaded, checked, squared and resized, with optional captions.
-
-Captions follow the kohya/A1111 convention: `cat1.png` may come with `cat1.txt`; '{}' in a caption marks where
-the token goes (else it goes in front). Masks (for extraction) are optional and weight the loss to the object.
-"""
+"""Training images for a concept, with kohya/A1111 sidecar captions (`cat1.png`, `cat1.txt`; '{}': the token)."""
 from __future__ import annotations
 
 import os
@@ -16,7 +12,7 @@ MIN_IMAGES, MAX_IMAGES = 3, 50
 
 
 def named(source) -> tuple[str, str | None]:
-    """(display name, sidecar caption) of a training image: a file's name and its `.txt`, if there is one."""
+    """(display name, sidecar `.txt` caption or None) of a training image."""
     if not isinstance(source, (str, os.PathLike)):
         return "image", None
     path = Path(source)
@@ -26,13 +22,10 @@ def named(source) -> tuple[str, str | None]:
 
 
 def load_images(sources, resolution: int, captions: list | None = None) -> tuple[list[TrainingImage], list[str]]:
-    """The training images and the notes for the user (resizes, crops); bad input raises StudioError.
-
-    Sidecar `.txt` files given among the sources are read as captions, not as images."""
+    """The training images and notes for the user (resizes, crops); `.txt` sources are captions, not images."""
     sources = [s for s in (sources or []) if not (isinstance(s, (str, Path)) and Path(str(s)).suffix == ".txt")]
     if len(sources) < MIN_IMAGES:
-        raise StudioError(f"{len(sources)} image(s) given; teaching a concept needs at least {MIN_IMAGES} "
-                          f"(3-10 varied images work best)")
+        raise StudioError(f"{len(sources)} image(s) given; a concept needs at least {MIN_IMAGES} (3-10 varied ones)")
     if len(sources) > MAX_IMAGES:
         raise StudioError(f"{len(sources)} images given; at most {MAX_IMAGES} are used for one concept")
     out, notes = [], []

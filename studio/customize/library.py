@@ -1,10 +1,4 @@
-"""The learned concepts in the history, and the operations the Customize tab offers on them.
-
-A concept is an ordinary history entry (kind "learned_concept"); switching it off keeps it as an
-"off" entry. Composing by merge or by weighted adapters builds one edit from several concepts, so
-the concepts' own entries are switched off first (their tokens would otherwise exist twice) and
-switched back on if the composition fails.
-"""
+"""The learned concepts in the history, and the operations the Customize tab offers on them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,18 +31,12 @@ def concept_of(edit: Edit) -> Edit | None:
 
 
 def learned_concepts(manager) -> list[LearnedConcept]:
-    out = []
-    for i, entry in enumerate(manager.stack.applied, 1):
-        c = concept_of(entry.edit)
-        if c is not None:
-            p = c.params
-            out.append(LearnedConcept(i, p.get("token") or p.get("name", "adapter"), p.get("method", "?"),
-                                      p.get("strength", 1.0), entry.edit.kind == "learned_concept"))
-    return out
+    return [LearnedConcept(i, c.params.get("token") or c.params.get("name", "adapter"), c.params.get("method", "?"),
+                           c.params.get("strength", 1.0), entry.edit.kind == "learned_concept")
+            for i, entry in enumerate(manager.stack.applied, 1) if (c := concept_of(entry.edit)) is not None]
 
 
 def concept_edit(manager, index: int) -> Edit:
-    """The learned concept of applied history entry `index` (on or off)."""
     index = int(index)
     if not 1 <= index <= manager.stack.position:
         raise StudioError(f"edit #{index} is not applied")
@@ -59,16 +47,15 @@ def concept_edit(manager, index: int) -> Edit:
 
 
 def set_strength(manager, index: int, strength: float | None = None, scope: str | None = None):
-    """Re-apply concept `index` with its weight changes at `strength` and/or acting on `scope` ("prompt":
-    images whose prompt uses its token; "always": merged into the weights); later edits are re-applied."""
+    """Re-apply concept `index` at `strength` and/or `scope`; later edits are re-applied."""
     with manager.lock:
         return manager.replace(index, with_strength(concept_edit(manager, index), strength, scope))
 
 
 def compose(manager, indices: list[int], how: str, weights: list[float] | None = None,
             reg_prompts: list[str] | None = None):
-    """Replace concepts `indices` by one composition edit ("merge": closed-form K/V merge preserving
-    `reg_prompts`' outputs; "adapters": weighted unfused peft adapters). Their entries are switched off, not deleted."""
+    """Replace concepts `indices` by one "merge" or "adapters" edit; their entries are switched off first (their
+    tokens would exist twice), and back on if it fails."""
     if how not in COMPOSITIONS:
         raise StudioError(f"unknown composition {how!r}: choose one of {', '.join(COMPOSITIONS)}")
     indices = sorted({int(i) for i in indices})
@@ -83,10 +70,8 @@ def compose(manager, indices: list[int], how: str, weights: list[float] | None =
                     manager.toggle(i)
                     switched.append(i)
             if how == "merge":
-                edit = methods.merge_edit(manager.pipe, concepts, reg_prompts)
-            else:
-                edit = methods.adapters_edit(concepts, weights or [1.0] * len(concepts))
-            return manager.apply(edit)
+                return manager.apply(methods.merge_edit(manager.pipe, concepts, reg_prompts))
+            return manager.apply(methods.adapters_edit(concepts, weights or [1.0] * len(concepts)))
         except BaseException:
             for i in switched:
                 manager.toggle(i)

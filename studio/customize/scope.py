@@ -1,11 +1,4 @@
-"""A learned concept that acts only where asked: its UNet weight changes join the images whose prompt names its
-token (A1111's rule for a LoRA called from the prompt). Merged into the weights, a heart LoRA turned the toy
-model's circles into hearts; scoped, a prompt without the token gives the base model's image bit for bit.
-
-The change rides as a forward hook on each changed layer (out += gate * strength * ΔW x), a 'layer' steering slot
-(undo restores the hook tables exactly). The gate is per image: masking it to the token's region of a region
-composition never raised the two-concept rate on the toy model (8/16 -> 4/16, 2/16 -> 2/16 images).
-"""
+"""A learned concept's UNet changes that act only on images whose prompt names its token (A1111's rule)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -25,16 +18,12 @@ SCOPES = {"prompt": "prompts that use its token", "always": "every prompt (merge
 
 def check_scope(scope) -> str:
     if scope not in SCOPES:
-        raise StudioError(f"unknown scope {scope!r}: choose 'prompt' (the concept acts on prompts that use its "
-                          "token) or 'always' (merged into the weights)")
+        raise StudioError(f"unknown scope {scope!r}: choose 'prompt' (prompts using its token) or 'always'")
     return scope
 
 
 class PromptWords:
-    """What each steering object of this package knows of the generation in progress (begin_generation): per
-    conditional row, where each of its words sits; the batch layout ([negative, prompt] under guidance),
-    the latent size and the denoising passes so far. Generations nest (a collage draws each region in
-    one of its own): when one ends, the state of the one around it comes back."""
+    """Where its words sit in each conditional row of the generation in progress (generations nest)."""
 
     def __init__(self, pipe, words: list[str], signature: str):
         self.pipe, self.words, self.signature = pipe, words, signature
@@ -66,50 +55,40 @@ class PromptWords:
 
 
 class PromptScope(PromptWords):
-    """Which rows of the UNet batch belong to images whose prompt uses one of the concept's tokens."""
-
     def gate(self, batch: int) -> torch.Tensor | None:
-        """(batch,) bool: the rows the concept acts on (negative and conditional rows alike), or None."""
+        """(batch,) bool: the rows of images whose prompt uses one of the concept's tokens, or None."""
         if self.positions is None:
             return None
         uses = torch.tensor([any(word for word in row) for row in self.positions])
-        if batch == len(uses):
-            return uses
-        return uses.repeat(2) if self.cfg and batch == 2 * len(uses) else None
+        return uses if batch == len(uses) else uses.repeat(2) if self.cfg and batch == 2 * len(uses) else None
 
 
 class ScopedChange:
-    """Forward hook: a layer's output plus the concept's change of its weight, on the rows the scope allows.
-    `factors` is (A, B) of a LoRA or (delta,) of a full change."""
+    """Forward hook: a layer's output plus the concept's change ((A, B) or (delta,)) on the scope's rows."""
 
     def __init__(self, scope: PromptScope, name: str, module: nn.Module, factors: tuple, strength: float):
         self.scope, self.strength, self.factors = scope, strength, factors
         self.conv = isinstance(module, nn.Conv2d)
         if not self.conv and not isinstance(module, nn.Linear):
-            raise StudioError(f"{name}: a scoped concept can change linear and conv layers only, not "
-                              f"{type(module).__name__}; apply it with scope 'always'")
+            raise StudioError(f"{name}: a scoped concept changes only linear and conv layers: use scope 'always'")
 
     def fingerprint(self) -> str:
         return f"ScopedChange[{self.scope.signature}]"
 
     def change(self, module, x: torch.Tensor) -> torch.Tensor:
         f = [t.to(x.device, x.dtype) for t in self.factors]
-        if self.conv:
-            h = module._conv_forward(x, f[0], None)
-            return F.conv2d(h, f[1]) if len(f) == 2 else h
-        return F.linear(F.linear(x, f[0]), f[1]) if len(f) == 2 else F.linear(x, f[0])
+        h = module._conv_forward(x, f[0], None) if self.conv else F.linear(x, f[0])
+        return h if len(f) == 1 else (F.conv2d if self.conv else F.linear)(h, f[1])
 
     def __call__(self, module, args, out):
         gate = self.scope.gate(out.shape[0])
         if gate is None or not gate.any():
             return None
         rows = gate.nonzero()[:, 0].to(out.device)
-        delta = self.change(module, args[0][rows]) * self.strength
-        return out.index_add(0, rows, delta.to(out.dtype))
+        return out.index_add(0, rows, (self.change(module, args[0][rows]) * self.strength).to(out.dtype))
 
 
 def install_scoped(pipe, params: dict, tensors: dict, changes: dict[str, tuple], strength: float, patch) -> None:
-    """Hook each changed UNet layer (`changes`: weight name -> factors) behind one prompt scope."""
     tokens = [params["token"], *params.get("more_tokens", [])]
     scope, sites = PromptScope(pipe, tokens, edit_digest(params, tensors)), {}
     for name, factors in changes.items():
@@ -119,13 +98,12 @@ def install_scoped(pipe, params: dict, tensors: dict, changes: dict[str, tuple],
 
 
 def prompt_scopes(pipe) -> list[PromptScope]:
-    """The scopes of the concepts applied now, one per concept, in the order they were applied."""
     return [s.obj for s in steering.slots(pipe, "layer") if isinstance(s.obj, PromptScope)]
 
 
 @contextmanager
 def only(scopes: list[PromptScope], keep: list[PromptScope]):
-    """Inside the block, the concepts of `scopes` not in `keep` act on no image (as if unnamed)."""
+    """Inside the block, the concepts of `scopes` not in `keep` act on no image."""
     muted = [(s, s.positions) for s in scopes if s.positions is not None and all(s is not k for k in keep)]
     for s, rows in muted:
         s.positions = [[[] for _ in row] for row in rows]

@@ -1,12 +1,5 @@
-"""Teach the model a new concept from a few images. One loss; the methods differ in what is trainable:
-"ti" the token's input embedding(s) (Textual Inversion, optionally cross-initialized from the class word's
-text-encoder output), "custom_diffusion" the token plus every cross-attention's full K/V, "lora" the token plus
-training's peft LoRA on the UNet. Options: ClassDiffusion's semantic preservation, prior preservation on images
-the frozen model draws, Cut-Mix, gradient checkpointing, mixed precision on GPU, resumable saved state.
-
-The model is never changed: the token lives in a temporary patch, the trained pieces are forward hooks and a
-peft adapter removed afterwards; the loop is training.train and the result a "learned_concept" Edit, not applied.
-"""
+"""Teach the model a new concept from a few images: one loss; per method the token alone ("ti"), with every
+cross-attention K/V ("custom_diffusion") or with a peft LoRA ("lora") trains. The model is never changed."""
 from __future__ import annotations
 
 import random
@@ -18,7 +11,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from torch import nn
 
 from .. import models, training
 from ..checks import base_signature, number, whole
@@ -26,14 +18,12 @@ from ..edits import Edit, Patch
 from ..errors import StudioError
 from ..generation import GenerationRequest, parse_seed
 from ..tokenizer import check_token
-from ..training import (LORA_TARGETS, Preview, Progress, TokenHook, TrainingImage, check_no_adapters, concept_label,
-                        is_toy)
+from ..training import LORA_TARGETS, Preview, Progress, TokenHook, TrainingImage, concept_label
 from .concept import MAX_VECTORS
 from .scope import check_scope
 
 METHODS = {"ti": "Textual Inversion", "custom_diffusion": "Custom Diffusion (token + K/V)", "lora": "LoRA (peft)"}
-# published learning rates (SD-1.5 scale) and what the toy model needs (its weights are ~10x larger in effect)
-DEFAULTS = {
+DEFAULTS = {  # published learning rates (SD-1.5 scale) and the toy model's (~10x larger)
     "ti": dict(lr=5e-4, toy_lr=5e-3, steps=500, toy_steps=400),
     "custom_diffusion": dict(lr=1e-5, toy_lr=1e-4, steps=250, toy_steps=400),
     "lora": dict(lr=1e-4, toy_lr=1e-3, steps=500, toy_steps=400),
@@ -41,19 +31,13 @@ DEFAULTS = {
 DEFAULT_TEMPLATES = ("a photo of {}", "a {}", "{}", "a picture of {}", "a photo of a {}")
 MAX_STEPS = 20000
 
-def default(pipe, method: str, key: str):
-    return DEFAULTS[method][("toy_" if is_toy(pipe) else "") + key]
+def default(pipe, method: str, key: str, value=None):
+    return DEFAULTS[method][("toy_" if training.is_toy(pipe) else "") + key] if value in (None, "") else value
 
 
 def fill(template: str, token: str) -> str:
-    """A caption with the token in it: '{}' is replaced; a caption without '{}' gets the token in front."""
+    """The caption with the token at '{}', or in front."""
     return template.replace("{}", token) if "{}" in template else f"{token} {template}".strip()
-
-
-def kv_modules(unet) -> dict[str, nn.Linear]:
-    """Custom Diffusion's trainable weights: K and V of every cross-attention, by pipeline name."""
-    return {f"unet.{n}.weight": m for n, m in unet.named_modules()
-            if isinstance(m, nn.Linear) and n.split(".")[-2:-1] == ["attn2"] and n.endswith(("to_k", "to_v"))}
 
 
 def train_concept(manager, images: list[TrainingImage], token: str, *, method: str = "lora", class_word: str = "",
@@ -65,13 +49,7 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
                   progress: Progress | None = None, preview: Preview | None = None, preview_every: int = 100,
                   preview_prompts: list[str] | None = None, save_dir: str | Path | None = None,
                   save_every: int = 100, resume: bool = False, scope: str = "prompt", cut_mix: float = 0.0) -> Edit:
-    """Train `token` on `images` (see images.load_images) and return a "learned_concept" Edit.
-
-    Captions: an image's own (with '{}' where the token goes), else a random one of `templates`. Previews
-    every `preview_every` steps, one image per preview prompt (default "a {token}"). With `save_dir` the state
-    is saved every `save_every` steps and at a stop; `resume=True` continues it (same settings). `scope`: where
-    the UNet changes act once applied. `cut_mix`: the share of Cut-Mix pictures (see `composites`).
-    """
+    """Train `token` on `images` into a "learned_concept" Edit (captions: an image's own, else `templates`)."""
     scope = check_scope(scope)
     if method not in METHODS:
         raise StudioError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -81,12 +59,11 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
         raise StudioError("no training images: add 3-10 images of the concept")
     pipe = manager.pipe
     token = check_token(pipe.tokenizer, token)
-    check_no_adapters(pipe.unet)
+    training.check_no_adapters(pipe.unet)
     class_word = str(class_word or "").strip()
-    steps = whole("training steps", default(pipe, method, "steps") if steps in (None, "") else steps, 1, MAX_STEPS)
-    lr = number("learning rate", default(pipe, method, "lr") if lr in (None, "") else lr, 1e-8, 1.0)
-    token_lr = number("token learning rate", default(pipe, "ti", "lr") if token_lr in (None, "") else token_lr,
-                       0, 1.0)
+    steps = whole("training steps", default(pipe, method, "steps", steps), 1, MAX_STEPS)
+    lr = number("learning rate", default(pipe, method, "lr", lr), 1e-8, 1.0)
+    token_lr = number("token learning rate", default(pipe, "ti", "lr", token_lr), 0, 1.0)
     batch = whole("batch size", batch, 1, 64)
     rank = whole("LoRA rank", rank, 1, 256)
     vectors = whole("vectors per token", vectors, 1, MAX_VECTORS)
@@ -101,8 +78,7 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
         raise StudioError("semantic preservation needs a class word (what the concept is, e.g. 'dog')")
     cut_mix = number("Cut-Mix fraction", cut_mix, 0, 0.9)
     if (prior_weight or cut_mix) and not prior_prompts:
-        raise StudioError("prior preservation and Cut-Mix need a class word or prior prompts (what the model must keep "
-                          "drawing)")
+        raise StudioError("prior preservation and Cut-Mix need a class word or prior prompts")
     prior_images = whole("prior images", prior_images, 1, 1000)
     templates = [t for t in (templates or DEFAULT_TEMPLATES) if t.strip()]
     previews = preview_prompts or [f"a {token}"]
@@ -126,12 +102,12 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
         init = initial_vectors(pipe, class_word, vectors, cross_init)
         patch = Patch(pipe)
         cleanup.callback(patch.undo)
-        ids = models.of(pipe).install_tokens(token, init, patch)
+        ids = family.install_tokens(token, init, patch)
         token_hook = TokenHook(family.text_encoders[0].get_input_embeddings(), ids, init)
         cleanup.callback(token_hook.handle.remove)
         trainables = {"embedding": token_hook.vectors}
         if method == "custom_diffusion":  # full-rank K/V changes as forward hooks: out += x @ delta.T
-            for n, m in kv_modules(unet).items():
+            for n, m in family.text_projections().items():
                 delta = torch.zeros(m.out_features, m.in_features, device=m.weight.device, requires_grad=True)
                 hook = lambda _m, args, out, d=delta: out + (args[0].float() @ d.t()).to(out.dtype)  # noqa: E731
                 cleanup.callback(m.register_forward_hook(hook).remove)
@@ -198,8 +174,7 @@ def train_concept(manager, images: list[TrainingImage], token: str, *, method: s
 
 @torch.no_grad()
 def initial_vectors(pipe, class_word: str, vectors: int, cross_init: bool) -> torch.Tensor:
-    """Where the token starts: the class word's text-encoder output (Cross Initialization), its input
-    embedding, or (no class word) the mean input embedding; repeated for each vector."""
+    """The token's start: the class word's encoder output (Cross Initialization) or input embedding, or the mean."""
     family = models.of(pipe)
     emb = family.text_encoders[0].get_input_embeddings().weight
     ids = family.tokenizers[0](class_word, add_special_tokens=False).input_ids
@@ -213,23 +188,19 @@ def initial_vectors(pipe, class_word: str, vectors: int, cross_init: bool) -> to
 
 
 def semantic_loss(pipe, token: str, class_word: str, texts: list[str]) -> torch.Tensor:
-    """ClassDiffusion's semantic preservation: 1 - cos between the pooled text features of each caption
-    and of the same caption with the class word in place of the token."""
+    """ClassDiffusion's semantic preservation: 1 - cos of pooled features with the token and the class word."""
     family = models.of(pipe)
     with_token = family.encode(texts).pooled.float()
     with torch.no_grad():
         spelled = re.compile(rf"{re.escape(token)}(?:\s+{re.escape(token)}_\d+)*")
         with_class = family.encode([spelled.sub(class_word, t) for t in texts]).pooled.float()
-    return (1 - nn.functional.cosine_similarity(with_token, with_class, dim=-1)).mean()
+    return (1 - F.cosine_similarity(with_token, with_class, dim=-1)).mean()
 
 
 @torch.no_grad()
 def composites(pipe, images: list[TrainingImage], prior: torch.Tensor, prior_texts: list[str], count: int,
                gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """`count` Cut-Mix pictures (SVDiff's augmentation, the frozen model's prior images as partners): a concept
-    and a prior image at half size, side by side or stacked on the concept's background, captioned "<concept
-    caption> and <prior prompt>" in either order. A concept learned only alone is lost in a two-object prompt
-    (on the toy model a learned heart never appeared in "a <heart> and a blue square")."""
+    """`count` Cut-Mix pictures (SVDiff): a concept and a prior image side by side, for two-object prompts."""
     partners = models.of(pipe).decode_latents(prior).clamp(-1, 1)
     res = images[0].tensor.shape[-1]
     side = res // 2
@@ -242,10 +213,9 @@ def composites(pipe, images: list[TrainingImage], prior: torch.Tensor, prior_tex
         pair = [concept, partners[j]]
         swap, vertical = (bool(torch.rand((), generator=gen) < 0.5) for _ in range(2))
         for k, picture in enumerate(pair[::-1] if swap else pair):
-            small = F.interpolate(picture[None], size=(side, side), mode="bilinear", antialias=True,
-                                  align_corners=False)[0]
+            small = F.interpolate(picture[None], (side, side), mode="bilinear", antialias=True, align_corners=False)
             y, x = ((k * side, (res - side) // 2) if vertical else ((res - side) // 2, k * side))
-            canvas[:, y:y + side, x:x + side] = small
+            canvas[:, y:y + side, x:x + side] = small[0]
         out.append(canvas)
         own = images[i].caption or "a {}"
         texts.append(f"{prior_texts[j]} and {own}" if swap else f"{own} and {prior_texts[j]}")
@@ -254,12 +224,11 @@ def composites(pipe, images: list[TrainingImage], prior: torch.Tensor, prior_tex
 
 @torch.no_grad()
 def prior_latents(manager, prompts: list[str], count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """Latents of `count` images the frozen model draws for `prompts` (cycled), and their prompts:
-    prior preservation (DreamBooth, Custom Diffusion's regularization images)."""
+    """Latents of `count` images the frozen model draws for `prompts` (cycled), and their prompts."""
     family = models.of(manager.pipe)
     texts = [prompts[i % len(prompts)] for i in range(count)]
     gen = torch.Generator("cpu").manual_seed(seed + 1)
-    stop = lambda _pipe, _i, _t, kwargs: manager.check_stop() or kwargs  # noqa: E731  Stop works while they are drawn
+    stop = lambda _pipe, _i, _t, kwargs: manager.check_stop() or kwargs  # noqa: E731
     out = [family.denoise(family.encode(texts[i:i + 8]), steps=20, generator=gen, output="latent", on_step=stop)
            for i in range(0, count, 8)]
     return torch.cat(out).float().cpu(), texts

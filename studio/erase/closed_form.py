@@ -1,8 +1,6 @@
 """Closed-form cross-attention erasure (UCE), with RECE hardening rounds and RealEra neighbour mining.
 
-For every cross-attention K/V layer W, UCE solves
-    W' = (λW + s_e Σ (W g_i) e_iᵀ + s_p Σ (W p_j) p_jᵀ)(λI + s_e Σ e_i e_iᵀ + s_p Σ p_j p_jᵀ)⁻¹ = W·T,
-T = (λI + s_e GᵀE + s_p PᵀP) B⁻¹ one d×d matrix shared by all layers: a single solve, one matmul per layer.
+UCE's per-layer solution for every cross-attention K/V weight W is W·T with one shared d×d map T (one solve);
 RECE then erases the embedding that still regenerates the concept in the edited layers; RealEra adds random
 neighbours of the concept's vectors to the erase set and further-out samples to the preserve set.
 """
@@ -59,7 +57,8 @@ def check_params(params: dict) -> dict:
         lo, hi = p[key]
         if not -1 <= lo <= hi <= 1:
             raise StudioError(f"{key} is a cosine range [low, high] with -1 ≤ low ≤ high ≤ 1 (got {p[key]!r})")
-    return {**p, "erase": erase, "guide": guides, "preserve": preserve, "templates": templates_for(p["templates"], erase[0])}
+    templates = templates_for(p["templates"], erase[0])
+    return {**p, "erase": erase, "guide": guides, "preserve": preserve, "templates": templates}
 
 
 def edited_layers(pipe, layers: str = "kv") -> list[str]:
@@ -80,10 +79,7 @@ def solve_map(E, G, P, lam: float, erase_scale: float, preserve_scale: float) ->
 
 
 def attack_map(gram: torch.Tensor, T: torch.Tensor, lam: float) -> torch.Tensor:
-    """RECE: R with c' = R c the input on which the edited layers W·T best reproduce the original W·c.
-
-    gram = Σ_l W_lᵀW_l over the edited layers; c' = (Σ W'ᵀW' + λI)⁻¹ Σ W'ᵀW c with W' = W·T.
-    """
+    """RECE: R with c' = R c = (Σ W'ᵀW' + λI)⁻¹ Σ W'ᵀW c, W' = W·T, gram = Σ WᵀW over the edited layers."""
     eye = torch.eye(T.shape[0], dtype=T.dtype, device=T.device)
     return torch.linalg.solve(T.T @ gram @ T + lam * eye, T.T @ gram)
 
@@ -102,7 +98,7 @@ def neighbours(rows: torch.Tensor, count: int, band, generator: torch.Generator)
 
 
 def erase_sets(pipe, p: dict):
-    """(E, G, P): erase vectors, their guide vectors and preserved vectors for checked params `p`."""
+    """(E, G, P): erase vectors, their guide vectors and preserved vectors."""
     gen = torch.Generator().manual_seed(int(p["seed"]))
     E, G, P = [], [], []
     for concept, guide in zip(p["erase"], p["guide"]):
@@ -126,10 +122,9 @@ def apply_closed_form(pipe, params: dict, tensors: dict, patch) -> None:
         gram = sum(W.T @ W for W in weights)
         for _ in range(p["rece_rounds"]):
             adversarial = E.double() @ attack_map(gram, T, p["rece_lambda"]).T
-            # keep the attack's direction at the concept's norm: mapping a short c' onto a full-size guide
-            # output would amplify that direction and bring the concept back (seen with λ = 0.1 on the toy model)
+            # at the concept's norm: mapping a short c' onto a full-size guide output brings the concept back
             adversarial *= E.double().norm(dim=1, keepdim=True) / adversarial.norm(dim=1, keepdim=True).clamp_min(1e-9)
-            # erase c' from the edited layers W·T toward their guide output (RECE: λ = s_p = 0.1)
+            # RECE: λ = s_p = 0.1
             T = T @ solve_map(adversarial, G, P, 0.1, 1.0, 0.1)
     for name in names:
         W = patch.read(name)

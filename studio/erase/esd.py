@@ -1,26 +1,9 @@
-"""Fine-tuned erasure (ESD, Gandikota et al.) trained as a LoRA adapter, applied as one exact edit.
+"""Fine-tuned erasure (ESD, Gandikota et al.) trained as a LoRA adapter, applied as one exact "esd_lora" edit.
 
-The adapted UNet's noise prediction for the concept prompt c is regressed onto
-    eps*(x_t, c, t) - eta * (eps*(x_t, c, t) - eps*(x_t, n, t))
-with eps* the frozen model (the adapter switched off) and x_t on its DDIM trajectories for c (guidance 3).
-n is the empty prompt for the bare concept (ESD as published; eta here is the paper's eta + 1) and the
-prompt without the concept for the context prompts (`concept_prompts`: "a red star" -> "a star"), so the
-adapter learns "no red", not "no red star": on the toy model an adapter trained on the bare word does not
-reach "a red circle", one trained on a few red star/triangle captions does (and crimson/scarlet).
-
-By default `trajectories` (16) trajectories are sampled once and every step trains on random points of
-them (the frozen model never changes); trajectories=0 samples a fresh partial one every step, as published.
-The adapter is training's peft LoRA (A = randn / sqrt(in) from the run's seed, B = 0) on the ESD-x, ESD-x-kv
-or ESD-u layers, returned as an "esd_lora" Edit whose apply merges W + strength * B @ A:
-
-    edit = train_esd(manager, "red", concept_prompts=["a red star", "a red triangle"])
-    manager.apply(with_strength(edit, 0.5))      # the same adapter at half strength
-
-Learning rate: the published 5e-5 is for full weights; a zero-initialised LoRA barely moves at it. Measured
-on the toy model (8 red star/triangle captions, oracle on the held-out red circle/square, 4 seeds x 10 steps),
-lr 1e-2 took red from 100% to 6% and crimson/scarlet to 0% while the other colours stayed at 100%; at 1e-3 the
-trained prompts fit (`residual`, the loss over its untrained value, 0.1-0.3) yet unseen red stayed at 70-100%.
-So judge by the previews and the oracle, not by `residual`. SD_LR is a usual LoRA rate, not measured here.
+The adapter regresses eps(x_t, c) onto eps*(c) - eta * (eps*(c) - eps*(n)) (eps*: the frozen model, x_t on its DDIM
+trajectories for c), n being the prompt without the concept ("a red star" -> "a star": it learns "no red").
+A zero-initialised LoRA barely moves at the published full-weight lr 5e-5; on the toy model 1e-2 erased unseen red
+(1e-3 fit the trained prompts yet left it): judge by the previews and the oracle, not by `residual`.
 """
 from __future__ import annotations
 
@@ -48,8 +31,8 @@ METHODS = {
 }
 METHOD_TITLES = {"esd-x": "ESD-x", "esd-x-kv": "ESD-x (K/V)", "esd-u": "ESD-u"}
 PUBLISHED_LR = 5e-5  # full-weight ESD on SD-1.x
-TOY_LR = 1e-2  # LoRA on the bundled toy model (measured, see the module notes)
-SD_LR = 5e-4  # LoRA on SD-scale models: a usual LoRA rate, not measured here (no SD weights offline)
+TOY_LR = 1e-2  # LoRA on the bundled toy model (measured)
+SD_LR = 5e-4  # LoRA on SD-scale models (no SD weights offline to measure on)
 MAX_RANK = 4
 MAX_STEPS = 5000
 
@@ -57,19 +40,18 @@ LAYERS = {"esd-x": r"\.attn2\.(to_[qkv]|to_out\.0)$", "esd-x-kv": r"\.attn2\.to_
 
 
 def target_modules(unet: nn.Module, method: str) -> dict[str, nn.Linear]:
-    """The nn.Linear modules of `unet`'s transformer blocks that `method` trains, by their weight's pipeline name."""
+    """The transformer-block linears `method` trains, by their weight's pipeline name."""
     return {f"unet.{n}.weight": m for n, m in unet.named_modules() if isinstance(m, nn.Linear)
             and ".transformer_blocks." in f".{n}" and re.search(LAYERS[method], n)}
 
 
 def _noise(family, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """Starting latents drawn on the CPU from the run's generator."""
     x = torch.randn(batch, *family.latent_shape(family.default_size, family.default_size), generator=generator)
     return x.to(family.denoiser.device, family.denoiser.dtype)
 
 
 def _trajectory(family, ddim, noise, cond, guidance: float, tick) -> torch.Tensor:
-    """The latents before each step of the frozen model's whole DDIM schedule: [batch, steps, C, H, W], on CPU."""
+    """The latents before each step of the frozen model's DDIM schedule: [batch, steps, C, H, W], on CPU."""
     out = [noise.cpu()]
     tick()
 
@@ -84,9 +66,7 @@ def _trajectory(family, ddim, noise, cond, guidance: float, tick) -> torch.Tenso
 
 
 def neutral_prompt(prompt: str, concept: str) -> str:
-    """`prompt` without the concept ("a red star" -> "a star"): the reference ESD steers away toward.
-
-    The bare concept, or a prompt without the concept word (a paraphrase), gives the empty prompt."""
+    """`prompt` without the concept ("a red star" -> "a star"); "" for the bare concept or a paraphrase."""
     rx = re.compile(rf"(?<!\w){re.escape(concept)}(?!\w)", re.IGNORECASE)
     if prompt.strip().lower() == concept.lower() or not rx.search(prompt):
         return ""
@@ -96,13 +76,12 @@ def neutral_prompt(prompt: str, concept: str) -> str:
 
 
 def _prompt_list(prompts) -> list[str]:
-    """Prompts from a list or from text with one prompt a line (a UI textbox), stripped, without repeats."""
+    """Prompts from a list or from text with one a line (a UI textbox), stripped, without repeats."""
     lines = prompts.splitlines() if isinstance(prompts, str) else prompts or []
     return list(dict.fromkeys(p for p in (str(p).strip() for p in lines) if p))
 
 
 def suggested_lr(pipe) -> float:
-    """The UI's default learning rate for this model: TOY_LR for toy-sized models, SD_LR otherwise."""
     return TOY_LR if is_toy(pipe) else SD_LR
 
 
@@ -117,22 +96,16 @@ def train_esd(manager, concept: str, *, method: str = "esd-x", rank: int = 2, st
               preview: Preview | None = None, preview_every: int = 50,
               preview_seeds: int = 2, sample_steps: int = 50, guidance: float = 3.0, batch: int = 1,
               trajectories: int | None = 16, concept_prompts: list[str] | None = None) -> Edit:
-    """Train an ESD erasure of `concept` as a LoRA and return it as an "esd_lora" Edit (not applied).
-
-    Each step regresses `batch` points of x_t (DDIM, `sample_steps` steps, guidance `guidance`) for the
-    concept or one of `concept_prompts` with Adam at `lr` (None: suggested_lr). With `anchor_weight` > 0 the
-    predictions for `anchor_prompts` (default: random-token prompts, fresh each step) are also pulled toward
-    the frozen model's. `progress(done, total)` counts the batched trajectory steps, then the training steps;
-    `preview(step, images)` every `preview_every` steps and at the end shows image i for prompt i of
-    [concept, *concept_prompts]. The run holds the job lock; a stop raises JobStopped and leaves the model
-    as it was (the adapter is always removed). Bad settings raise StudioError before anything runs."""
+    """Train an ESD erasure of `concept` as a LoRA; return the "esd_lora" Edit, not applied. `anchor_weight` > 0
+    pulls `anchor_prompts` (default: fresh random-token prompts) toward the frozen model; preview image i shows
+    prompt i of [concept, *concept_prompts]. Bad settings fail before anything runs; a stop changes nothing."""
     concept = str(concept or "").strip()
     if not concept:
         raise StudioError("the concept to erase is empty: type the word or phrase to erase (e.g. 'red')")
-    if str(method or "").strip().lower() not in METHODS:
+    method = str(method or "").strip().lower()
+    if method not in METHODS:
         raise StudioError(f"unknown ESD method {method!r}; choose one of: "
                           + "; ".join(f"{k} ({v})" for k, v in METHODS.items()))
-    method = method.strip().lower()
     rank = whole("LoRA rank", rank, 1, MAX_RANK)
     steps = whole("training steps", steps, 1, MAX_STEPS)
     lr = None if lr is None else number("learning rate", lr, 0.0, 1.0, lo_open=True)
@@ -167,7 +140,7 @@ def train_esd(manager, concept: str, *, method: str = "esd-x", rank: int = 2, st
         fixed_anchors = encode(pipe, anchors) if anchors else None
         preview_noise = _noise(family, preview_seeds, torch.Generator("cpu").manual_seed(seed))
         names = [n.removeprefix("unet.").removesuffix(".weight") for n in modules]
-        sampling = math.ceil(trajectories / 8) * sample_steps  # the batched sampling steps of the trajectories
+        sampling = math.ceil(trajectories / 8) * sample_steps  # trajectories are sampled 8 at a time
         total, ticks = sampling + steps, [0]
 
         def tick():
@@ -238,7 +211,7 @@ def train_esd(manager, concept: str, *, method: str = "esd-x", rank: int = 2, st
 
 
 def _random_prompt_embeddings(family, batch: int, gen: torch.Generator) -> torch.Tensor:
-    """Text-encoder outputs for prompts of 1-5 random vocabulary tokens ('other' embeddings for anchoring)."""
+    """Text-encoder outputs (under the caller's no_grad) for prompts of 1-5 random vocabulary tokens."""
     tok = family.tokenizers[0]
     special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
     rows = []
@@ -247,12 +220,11 @@ def _random_prompt_embeddings(family, batch: int, gen: torch.Generator) -> torch
         ids = [i for i in torch.randint(0, len(tok), (n * 2,), generator=gen).tolist() if i not in special][:n]
         ids = [tok.bos_token_id, *ids, tok.eos_token_id]
         rows.append(ids + [tok.pad_token_id] * (tok.model_max_length - len(ids)))
-    with torch.no_grad():
-        return family.encode([], ids=torch.tensor(rows, device=family.text_encoders[0].device)).embeds.float()
+    return family.encode([], ids=torch.tensor(rows, device=family.text_encoders[0].device)).embeds.float()
 
 
 def with_strength(edit: Edit, strength: float) -> Edit:
-    """The same adapter at another strength (a new Edit sharing the tensors)."""
+    """The same adapter at another strength (a new Edit, the same tensors)."""
     if edit.kind != "esd_lora":
         raise StudioError(f"{edit.title} is not an ESD adapter (kind {edit.kind!r})")
     s = number("strength", strength, -10.0, 10.0)

@@ -1,11 +1,8 @@
 """Inference-time guard (SAFREE-like): project prompt tokens off a concept subspace. No weight changes.
 
-A concept's direction is the mean of (concept vector - neutral vector) over templates, its subspace the top
-singular directions of those differences. A token triggers when its score along a direction exceeds
-`threshold` x the concept word's own score (a direct score, where SAFREE masks each token; on the toy model it
-separates red/crimson/scarlet, 9.2-9.5, from orange, 6.3, and the other colours, <= 4.2); from the first
-trigger on (CLIP's causal encoder spreads the concept) the subspace part is replaced by the neutral one.
-It is a 'condition' steering slot: it toggles and undoes exactly, but anyone with the weights can bypass it.
+A token triggers when its score along a concept direction (mean concept - neutral difference) exceeds `threshold`
+x the concept word's own; from the first trigger on (CLIP's causal encoder spreads the concept) the part in the
+concept subspace becomes neutral. A 'condition' steering slot: exact undo, but bypassable with the weights.
 """
 from __future__ import annotations
 
@@ -33,27 +30,19 @@ class ConceptGuard:
     """Cleans prompt embeddings: from the first trigger token on, the concept-subspace part becomes neutral."""
 
     def __init__(self, directions, thresholds, basis, centre):
-        # (concepts, d) unit directions, (concepts,) trigger levels, (d, k) subspace basis, (d,) neutral centre
         self.directions, self.thresholds, self.basis, self.centre = directions, thresholds, basis, centre
-
-    def triggers(self, emb: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens) bool: this token or an earlier one (SOS excluded) carries a concept."""
-        scores = (emb.float() - self.centre.to(emb.device)) @ self.directions.to(emb.device).T
-        hit = (scores > self.thresholds.to(emb.device)).any(-1)
-        hit[:, 0] = False
-        return hit.int().cummax(dim=1).values.bool()
 
     def fingerprint(self) -> str:
         return "ConceptGuard:" + tensor_digest(torch.cat([self.directions.flatten(), self.basis.flatten()]))
 
     def condition(self, cond, plan):
-        return replace(cond, embeds=self.clean(cond.embeds))
-
-    def clean(self, emb: torch.Tensor) -> torch.Tensor:
+        emb = cond.embeds
         basis, centre = self.basis.to(emb.device), self.centre.to(emb.device)
         x = emb.float()
+        hit = ((x - centre) @ self.directions.to(emb.device).T > self.thresholds.to(emb.device)).any(-1)
+        hit[:, 0] = False  # SOS never triggers; every token after a trigger is cleaned
         cleaned = x - ((x - centre) @ basis) @ basis.T
-        return torch.where(self.triggers(emb).unsqueeze(-1), cleaned, x).to(emb.dtype)
+        return replace(cond, embeds=torch.where(hit.cummax(dim=1).values.unsqueeze(-1), cleaned, x).to(emb.dtype))
 
 
 def build_guard(pipe, p: dict) -> ConceptGuard:

@@ -1,8 +1,5 @@
-"""How well an erasure worked: before/after images on fixed seeds and, on the toy world, measured scores.
-
-Efficacy: the concept's presence on prompts that ask for it; generality: under synonyms and paraphrases;
-specificity: neighbours still appear; robustness: presence under RECE's attack embedding. Before is the
-model one edit earlier.
+"""How well an erasure worked: before/after images on fixed seeds (before: the model one edit earlier) and,
+on the toy world, the concept's measured presence under efficacy, generality, specificity and attack probes.
 """
 from __future__ import annotations
 
@@ -31,7 +28,6 @@ class ErasureReport:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> list[dict]:
-        """Mean presence per group, before and after."""
         groups: dict[str, list[dict]] = {}
         for r in self.rows:
             groups.setdefault(r["group"], []).append(r)
@@ -44,7 +40,6 @@ class ErasureReport:
         return "\n".join(lines + self.notes)
 
     def chart(self):
-        """A matplotlib bar chart of presence before vs after, one pair of bars per group."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -79,10 +74,8 @@ def attack_embedding(manager, prompt: str, entry, lam: float = 1e-3) -> torch.Te
 
 def erasure_report(manager, erased: list[str], index: int | None = None, seeds: int = 4, steps: int = 20,
                    progress=None, *, probes: list[Probe] | None = None, presence=None) -> ErasureReport:
-    """Score history entry `index` (1-based, default: the latest applied) against the model before it.
-
-    `probes` and `presence(image, concept) -> 0..1`, the instrument that scores them, come from the caller
-    (the toy world's presets); without them the report is a before/after grid of generic prompts."""
+    """Score history entry `index` (1-based, default: the latest applied) against the model before it, on the
+    caller's `probes` scored by `presence(image, concept) -> 0..1`; without them, a grid of generic prompts."""
     report = ErasureReport()
     with manager.lock:
         stack = manager.stack
@@ -92,8 +85,7 @@ def erasure_report(manager, erased: list[str], index: int | None = None, seeds: 
         entry = stack.entries[index - 1]
         measured = probes is not None and presence is not None
         if not measured:
-            report.notes.append("No oracle for this model/concept: showing the before/after grid only "
-                                "(no CLIP model is available locally to score it).")
+            report.notes.append("No oracle for this model/concept: the before/after grid only (no local CLIP scores).")
         items = probes if measured else [Probe(p, p, "") for w in erased for p in (f"a photo of {w}", w, f"art by {w}")]
         here = stack.position
         try:
@@ -112,9 +104,9 @@ def erasure_report(manager, erased: list[str], index: int | None = None, seeds: 
                         progress(len(results), 2 * len(items))
         finally:
             stack.goto(here)
-    if any(p.attack for p in items) and not any(("after", i) in results for i, p in enumerate(items) if p.attack):
-        report.notes.append("robustness: this edit changed no cross-attention K/V weights, so there is no "
-                            "closed-form attack embedding (an inference-time guard is bypassed by editing the code).")
+    if any(p.attack and ("after", i) not in results for i, p in enumerate(items)):
+        report.notes.append("robustness: this edit changed no cross-attention K/V weights: no closed-form attack "
+                            "embedding (an inference-time guard is bypassed by editing the code).")
     shown = set()
     for i, probe in enumerate(items):
         if ("after", i) not in results:

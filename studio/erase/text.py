@@ -1,8 +1,4 @@
-"""Text-encoder vectors of concepts in prompt templates: what the closed-form edits and the guard act on.
-
-K/V layers only see text-encoder outputs; with CLIP's causal encoder the concept's own tokens and every
-position after them carry it, and `concept_rows` returns either.
-"""
+"""Text-encoder vectors of concepts in prompt templates: what the closed-form edits and the guard act on."""
 from __future__ import annotations
 
 import torch
@@ -14,7 +10,7 @@ TEMPLATES = {
     "object": ["{}", "a {}", "a photo of a {}", "a picture of a {}"],
     "style": ["{}", "art by {}", "a painting in the style of {}", "{} style"],
     "none": ["{}"],
-}  # a preset is a list, or a function concept -> list: the toy world registers "toy" (toyworld/presets.py)
+}  # a preset is a list, or a function concept -> list (the toy world registers "toy")
 
 
 def templates_for(spec, concept: str = "") -> list[str]:
@@ -33,7 +29,7 @@ def templates_for(spec, concept: str = "") -> list[str]:
 
 @torch.no_grad()
 def encode(pipe, prompts: list[str]) -> torch.Tensor:
-    """(len(prompts), 77, d) text-encoder outputs in fp32, as the pipeline feeds them to the UNet."""
+    """(len(prompts), 77, d) fp32 text-encoder outputs, as the UNet gets them."""
     tok = pipe.tokenizer
     for p in prompts:
         n = len(tok(p).input_ids)
@@ -43,22 +39,17 @@ def encode(pipe, prompts: list[str]) -> torch.Tensor:
 
 
 def word_start(tokenizer, template: str, word: str) -> tuple[int, int]:
-    """(first position, token count) of `word` filled into `template` (SOS is position 0).
-
-    An empty word sits where it would have been: the count is 0.
-    """
+    """(first position, token count) of `word` filled into `template` (SOS is 0; an empty word counts 0)."""
     prefix = template.split("{}")[0].strip()
     start = 1 + (len(tokenizer(prefix, add_special_tokens=False).input_ids) if prefix else 0)
     return start, len(tokenizer(word, add_special_tokens=False).input_ids) if word.strip() else 0
 
 
 def concept_rows(pipe, templates: list[str], concept: str, target: str, tokens: str = "to_end"):
-    """Paired vectors (concept in each template, target in the same template).
+    """(n, d) fp32 vectors of the concept in each template, and of the target in the same template, paired.
 
-    tokens='to_end' (UCE's choice): from the concept's first token to the end of the sequence,
-    aligned position by position with the target's. tokens='word': the concept's own tokens,
-    each paired with the target's token at the same offset (or its last one).
-    Returns (concept_rows, target_rows), each (n, d) fp32.
+    'to_end' (UCE's; CLIP's causal encoder carries the concept on): every position from the concept's first
+    token, aligned with the target's; 'word': the concept's tokens, each with the target's at that offset (or its last).
     """
     if tokens not in ("to_end", "word"):
         raise StudioError(f"tokens must be 'to_end' or 'word' (got {tokens!r})")

@@ -1,11 +1,6 @@
-"""Break-A-Scene: learn one token per masked object of a single image.
-
-Phase 1 trains the tokens, phase 2 the tokens and a LoRA (the published method tunes the whole UNet).
-Each step captions a random subset of the concepts "a <a> and a <b>" ("union sampling"), with the
-diffusion loss inside their masks (and where no mask is: "a <a>" alone learns a plain background), or
-with `isolate` (ours) on a picture of just them, and a cross-attention loss pulling each token's map to
-its mask. The result is one "learned_concept" edit holding every token ("token" + "more_tokens").
-"""
+"""Break-A-Scene: one token per masked object of one image. Phase 1 trains the tokens, phase 2 tokens and a
+LoRA (published: the whole UNet), on random subsets "a <a> and a <b>" (union sampling): the diffusion loss in
+their masks (or, with `isolate`, on a picture of just them) plus an attention loss pulling maps to masks."""
 from __future__ import annotations
 
 import time
@@ -17,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from .. import models, steering, training
-from ..capture import CaptureProcessor, attention_probs, cross_attention_resolutions, project_qk
+from ..capture import CaptureProcessor, attention_probs, project_qk
 from ..checks import base_signature, number, whole
 from ..edits import Edit, Patch
 from ..errors import StudioError
@@ -33,8 +28,7 @@ DEFAULTS = dict(steps_tokens=400, steps_joint=400, lr_tokens=5e-4, lr_joint=1e-4
 
 
 class AttentionMaps:
-    """A steering 'attention' slot keeping, with gradients, the cross-attention probabilities (mean over
-    heads, (B, N, 77)) of every layer at one resolution, for the attention loss."""
+    """A steering 'attention' slot keeping, with gradients, the head-mean cross-attention at one resolution."""
 
     def __init__(self, resolution: int):
         self.resolution, self.maps = resolution, []
@@ -56,8 +50,7 @@ class AttentionMaps:
 
 
 def attention_loss(probs: torch.Tensor, positions: list[list[torch.Tensor]], masks: list[torch.Tensor]):
-    """Mean over images b of the MSE of each sampled concept's token map (probs (B, h*w, tokens) at its
-    positions[b][j], over its peak) and its mask masks[b][j] (h, w)."""
+    """Mean over images of the MSE of each concept's token map (over its peak) and its mask."""
     total = probs.new_zeros(())
     side = int(round(probs.shape[1] ** 0.5))
     for b, (pos_b, masks_b) in enumerate(zip(positions, masks)):
@@ -68,7 +61,7 @@ def attention_loss(probs: torch.Tensor, positions: list[list[torch.Tensor]], mas
 
 
 def mask_tensor(mask, size: int) -> torch.Tensor:
-    """A (size, size) float mask in [0, 1] from any 2-D boolean/float array (area-averaged)."""
+    """A (size, size) area-averaged float mask in [0, 1] from a 2-D array."""
     m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
     if m.dim() != 2:
         raise StudioError(f"a mask must be 2-D (got shape {tuple(m.shape)})")
@@ -91,8 +84,7 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
                      lr_joint: float | None = None, rank: int = 4, lora_targets: str = "attention+ff",
                      attention_weight: float | None = None, background: bool = True, isolate: bool = True,
                      batch: int = 2, seed=0, progress=None, preview=None, preview_every: int = 100) -> Edit:
-    """Learn `tokens[i]` for the object under `masks[i]` of `image`; returns the edit (not applied).
-    `preview(step, images)` every `preview_every` steps shows "a <token>" for each token."""
+    """The (unapplied) edit teaching `tokens[i]` the object under `masks[i]`; previews show "a <token>"."""
     pipe = manager.pipe
     toy = is_toy(pipe)
     tokens = [str(t or "").strip() for t in tokens]
@@ -117,8 +109,7 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
     total = steps_tokens + steps_joint
     if total == 0:
         raise StudioError("no training steps: set token or joint steps above 0")
-    latent = pipe.unet.config.sample_size
-    resolutions = cross_attention_resolutions(pipe.unet)
+    latent, resolutions = models.of(pipe).latent_side, models.of(pipe).attention_resolutions()
     attn_res = 16 if 16 in resolutions else max(resolutions)  # the published 16x16 maps where they exist
 
     with manager.job(), ExitStack() as cleanup:
@@ -129,14 +120,13 @@ def extract_concepts(manager, image: TrainingImage, masks: list, tokens: list[st
         patch = Patch(pipe)
         cleanup.callback(patch.undo)
         init = family.text_encoders[0].get_input_embeddings().weight.mean(0).float().cpu()[None]
-        ids = [models.of(pipe).install_tokens(t, init, patch)[0] for t in tokens]
+        ids = [family.install_tokens(t, init, patch)[0] for t in tokens]
         hook = TokenHook(family.text_encoders[0].get_input_embeddings(), ids, init.expand(len(ids), -1))
         cleanup.callback(hook.handle.remove)
         maps = AttentionMaps.install(patch, pipe, attn_res)
 
         n = len(tokens)
         subsets_all = [tuple(j for j in range(n) if k >> j & 1) for k in range(1, 2 ** n)]
-        # with `isolate`, each subset's own picture: the other objects painted over with the background
         pictures = [isolated(image, masks, keep) if isolate else image for keep in subsets_all]
         x0_all = family.encode_images(torch.stack([p.tensor for p in pictures])).to(device)
         latent_masks = torch.stack([mask_tensor(m, latent) for m in masks]).to(device)

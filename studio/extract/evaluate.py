@@ -1,6 +1,5 @@
-"""How well extracted tokens hold their objects, read by an oracle the caller passes (the toy world's):
-"a <token>" shows the object's shape and colour; ACC@1, the share of its images `classify` gives to its own
-concept; "a <a> and a <b>" shows every object."""
+"""How well extracted tokens hold their objects, read by the caller's oracle: "a <token>" shows its shape and
+colour (ACC@1: the share of its images `classify` gives to its own concept); "a <a> and a <b>" shows all."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +18,8 @@ def classify(readings, concepts: list[tuple[str, str]]) -> int | None:
 
 def evaluate_extraction(manager, tokens: list[str], concepts: list[tuple[str, str]], oracle, seeds: int = 8,
                         steps: int = 20) -> dict:
-    """Per token: shape and colour rates and ACC@1; plus the rate of whole scenes. `concepts[i]` is
-    the (shape, colour) `oracle.read(image)` should find for tokens[i]."""
+    """Per token: shape and colour rates and ACC@1 (concepts[i]: the (shape, colour) tokens[i] should show); the
+    rate of whole scenes."""
     def read(prompt):
         return [oracle.read(im) for im in
                 manager.generate(GenerationRequest(prompt, seed=0, batch=seeds, steps=steps)).images]

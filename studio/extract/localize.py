@@ -1,12 +1,8 @@
-"""Find the things in an image without any input: masks from the model's own self-attention.
-
-ConceptExpress-style: `attention_features` (one UNet pass on the noised image), `kl_kmeans` (pixels
-clustered by where they attend), `select_concepts` (the clusters that are things), `concept_masks`.
-Ranking defaults to self-attention: on the toy model the end-of-text map does not single out objects.
-"""
+"""Masks of the things in an image from the model's own self-attention (ConceptExpress-style): pixels
+clustered by where they attend. Ranked by self-attention: on the toy model the end-of-text map is flat."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cmp_to_key
 from itertools import combinations
 
@@ -20,22 +16,21 @@ from ..capture import capture, encoded, noised, noising
 from ..checks import whole
 from ..errors import StudioError
 from ..generation import parse_seed
-from ..images import crop_box, load_rgb, open_image, square
+from ..images import MIN_SIDE, crop_box, load_rgb, open_image, square
 from ..tokenizer import sequence_length
 
 DEFAULT_TIMESTEP = 200
 DEFAULT_CLUSTERS = 6
-GRID_LIMIT = 32          # self-attention is clustered on at most a 32x32 grid (1024 x 1024 rows)
+GRID_LIMIT = 32          # self-attention is clustered on at most a 32x32 grid
 MAX_CONCEPTS = 8
 WORK_CELL = 4            # masks are drawn (and refined) at 4 pixels per attention cell
 
 
-# -- the image and its masks -------------------------------------------------------------------------
 def prepare_image(image, size: int) -> tuple[np.ndarray, list[str]]:
-    """The model's square RGB input, cropped as `fit_mask` crops masks, and notes on what was changed."""
+    """The model's square RGB input (cropped as `fit_mask` crops masks) and notes on what changed."""
     size = int(size)
-    if size < 8:
-        raise StudioError(f"the model's image size must be at least 8 (got {size})")
+    if size < MIN_SIDE:
+        raise StudioError(f"the model's image size must be at least {MIN_SIDE} (got {size})")
     im, note = load_rgb(image)
     notes = [note] if note else []
     (w, h), side = im.size, min(im.size)
@@ -50,16 +45,14 @@ def prepare_image(image, size: int) -> tuple[np.ndarray, list[str]]:
 
 
 def check_masks(masks, image_size, *, minimum: int = 1) -> list[str]:
-    """Refuse masks (on an image of image_size = (height, width)) that cannot be trained on: empty, the
-    whole image, or sharing half; returns notes (smaller overlaps are trained as both concepts)."""
+    """Refuse masks (on an image of (height, width)) that cannot be trained on; notes on smaller overlaps."""
     height, width = (int(v) for v in tuple(image_size)[:2])
     masks = list(masks or [])
     if not masks:
         raise StudioError("no masks: find concepts, click objects (Segment Anything) or draw masks first")
     if len(masks) < minimum:
         raise StudioError(f"only {len(masks)} mask{'s' if len(masks) != 1 else ''}: this needs at least {minimum} "
-                          "(one per thing to pull out of the image); add masks, or teach a single concept "
-                          "in the Customize tab")
+                          "(one per thing); add masks, or teach one concept in the Customize tab")
     arrays, total = [], height * width
     for i, m in enumerate(masks, 1):
         a = np.asarray(m)
@@ -72,8 +65,7 @@ def check_masks(masks, image_size, *, minimum: int = 1) -> list[str]:
         if a.sum() < 4:
             raise StudioError(f"mask {i} is empty: draw or click the object it should hold, or remove it")
         if a.sum() > 0.95 * total:
-            raise StudioError(f"mask {i} covers {100 * a.sum() / total:.0f}% of the image: a mask should hold one "
-                              "thing, not the whole picture")
+            raise StudioError(f"mask {i} covers {100 * a.sum() / total:.0f}% of the image: it should hold one thing")
         arrays.append(a)
     notes = []
     for (i, a), (j, b) in combinations(enumerate(arrays, 1), 2):
@@ -82,17 +74,15 @@ def check_masks(masks, image_size, *, minimum: int = 1) -> list[str]:
             share = shared / min(a.sum(), b.sum())
             if share > 0.5:
                 raise StudioError(f"masks {i} and {j} overlap ({100 * share:.0f}% of the smaller one): "
-                                  "each mask should hold a different thing; erase the shared part from one")
+                                  "erase the shared part from one")
             notes.append(f"masks {i} and {j} share {shared} pixels ({100 * share:.0f}% of the smaller)")
     if len(arrays) == 1:
         notes.append("one mask: one concept is learned (extraction shines with several)")
     return notes
 
 
-# -- 1. attention of the image -----------------------------------------------------------------------
 @dataclass
 class AttentionFeatures:
-    """Self-attention of one image, aggregated over layers and heads on one grid."""
     affinity: torch.Tensor        # (N, N), N = h*w: row i is where pixel i attends (sums to 1)
     grid: tuple[int, int]         # (h, w)
     eot: torch.Tensor             # (h, w): the end-of-text token's cross-attention
@@ -101,28 +91,24 @@ class AttentionFeatures:
 
 
 def _resize(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """(..., h, w) maps resized to `size` (H, W)."""
     kw = dict(align_corners=False) if mode == "bilinear" else {}
     flat = F.interpolate(maps.reshape(-1, 1, *maps.shape[-2:]), size=size, mode=mode, **kw)
     return flat.reshape(*maps.shape[:-2], *size)
 
 
 def _resample_rows(a: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
-    """An (Ns, Ns) row-stochastic attention on grid `src` as an (Nd, Nd) one on grid `dst`."""
+    """An (Ns, Ns) row-stochastic attention on grid `src` as an (Nd, Nd) one on grid `dst`: keys, then queries."""
     if src == dst:
         return a
     mode, n = "bilinear" if dst[0] >= src[0] else "area", dst[0] * dst[1]
-    # keys: each row is a distribution; resample and renormalise
     a = _resize(a.reshape(-1, *src), dst, mode).reshape(-1, n)
     a = a / a.sum(1, keepdim=True).clamp_min(1e-12)
-    # queries: each key's column is a map over the query pixels
     a = _resize(a.T.reshape(-1, *src), dst, mode).reshape(n, n).T
     return a / a.sum(1, keepdim=True).clamp_min(1e-12)
 
 
 def aggregate_self_attention(qk: dict, geometry: dict) -> tuple[torch.Tensor, tuple[int, int], list[str]]:
-    """Mean over layers, heads and batch rows of softmax(q K^T) (qk: name -> q pre-scaled, k (B, H, N, d);
-    geometry: name -> (h, w)) on the finest grid up to GRID_LIMIT; layers under half of it left out."""
+    """Mean softmax(q K^T) (q pre-scaled) of the layers at least half the finest grid up to GRID_LIMIT, on it."""
     if not qk:
         raise StudioError("no self-attention was captured: does this model have self-attention layers?")
     h, w = max((geometry[n] for n in qk), key=lambda s: s[0] * s[1])
@@ -144,8 +130,7 @@ def aggregate_self_attention(qk: dict, geometry: dict) -> tuple[torch.Tensor, tu
 
 def attention_features(manager, picture: np.ndarray, *, timestep: int = DEFAULT_TIMESTEP, seed=0, repeats: int = 2,
                        prompt: str = "") -> AttentionFeatures:
-    """One UNet pass on the noised `picture` (from `prepare_image`) with its attention captured; `eot` is
-    the map of the prompt's last token."""
+    """One UNet pass on the noised `picture` (from `prepare_image`), its attention captured."""
     seed = parse_seed(seed)
     with manager.job():
         pipe, model = manager.pipe, models.of(manager.pipe)
@@ -169,10 +154,8 @@ def attention_features(manager, picture: np.ndarray, *, timestep: int = DEFAULT_
     return AttentionFeatures(affinity.cpu(), grid, eot, used, timestep)
 
 
-# -- 2. clustering -----------------------------------------------------------------------------------
 def kl_kmeans(p: torch.Tensor, k: int, *, seed: int = 0, restarts: int = 4, iters: int = 50):
-    """(labels (N,), centroids (k, N)) of k-means of the rows of `p` under KL(row || centroid), whose best
-    centroid is the mean: Lloyd's algorithm, k-means++ seeding, the best of `restarts`."""
+    """(labels, centroids) of k-means (Lloyd, k-means++ seeding, best of `restarts`) of p's rows under KL."""
     n = p.shape[0]
     k = max(1, min(int(k), n))
     p = p.double()
@@ -205,7 +188,6 @@ def kl_kmeans(p: torch.Tensor, k: int, *, seed: int = 0, restarts: int = 4, iter
     return labels, best[2][used].float()
 
 
-# -- 3. what each cluster is -------------------------------------------------------------------------
 @dataclass(eq=False)
 class Cluster:
     members: torch.Tensor      # (h, w) bool: the pixels of the cluster
@@ -214,10 +196,10 @@ class Cluster:
     border: float              # share of the image border the cluster holds
     area: float                # share of the image
     eot: float                 # mean end-of-text attention inside / mean over the image
-    edge: float = 0.0          # share of the cluster's own pixels that lie on the image border
+    edge: float                # share of the cluster's own pixels that lie on the image border
 
     def key_map(self) -> torch.Tensor:
-        """Where the cluster attends on and next to it, above its floor, 1 on average over its pixels."""
+        """Where the cluster attends on and next to it, above its floor, mean 1 over its pixels."""
         near = F.max_pool2d(self.members[None, None].float(), 3, 1, 1)[0, 0].bool()
         k = torch.where(near, self.keys - self.keys.min(), torch.zeros(()))
         return k / k[self.members].mean().clamp_min(1e-12)
@@ -230,7 +212,7 @@ def border_cells(h: int, w: int) -> torch.Tensor:
 
 
 def components(mask: torch.Tensor) -> torch.Tensor:
-    """8-connected component labels of a bool (h, w) mask: 0 outside, 1.. inside."""
+    """8-connected component labels of a bool mask: 0 outside, 1.. inside."""
     h, w = mask.shape
     labels = torch.where(mask, torch.arange(1, h * w + 1, dtype=torch.float32).reshape(h, w), torch.zeros(()))
     while True:
@@ -244,7 +226,6 @@ def components(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _cluster(features: AttentionFeatures, m: torch.Tensor) -> Cluster:
-    """Statistics of the pixels `m` (bool, (N,) or (h, w)) of the attention grid."""
     (h, w), m = features.grid, m.flatten()
     keys, area = features.affinity[m].mean(0), float(m.float().mean())
     border, eot = border_cells(h, w).flatten(), features.eot.flatten()
@@ -254,9 +235,8 @@ def _cluster(features: AttentionFeatures, m: torch.Tensor) -> Cluster:
                    on_border / max(float(m.sum()), 1.0))
 
 
-# -- 4. which clusters are concepts ------------------------------------------------------------------
 def _same_thing(a: Cluster, b: Cluster, share: float) -> bool:
-    """Key masks overlapping by IoU 0.4, or half of one's inside the other: one thing's core and rim."""
+    """Key masks with IoU 0.4, or half of one inside the other: one thing's core and rim."""
     ka, kb = a.key_map() >= share, b.key_map() >= share
     if float((ka & kb).sum()) / max(float((ka | kb).sum()), 1.0) >= 0.4:
         return True
@@ -265,24 +245,20 @@ def _same_thing(a: Cluster, b: Cluster, share: float) -> bool:
 
 
 def select_concepts(features: AttentionFeatures, labels: torch.Tensor, *, count: int | None = None, share: float = 0.8,
-                    min_self: float = 1.4, split: bool = True, saliency: str = "self") -> list[Cluster]:
-    """The clusters (of `labels`, (N,) on the attention grid) that are things, most salient first.
-
-    Not things: the border's main cluster, any with a fifth of the border or half the image, strips along
-    it (the UNet's padding), parts under 2% (with `split`) and what does not attend to itself (`min_self`)."""
+                    min_self: float = 1.4, saliency: str = "self") -> list[Cluster]:
+    """The clusters' connected parts that are things, most salient first: not the background, strips along the
+    border (the UNet's padding), parts under 2% or what does not attend to itself (`min_self`)."""
     clusters = [_cluster(features, labels == j) for j in labels.unique().tolist()]
     if not clusters:
         return []
     background = max(clusters, key=lambda c: (c.border, c.area))
-    candidates = [c for c in clusters if c is not background and c.border <= 0.2 and c.area < 0.5]
-    if split:
-        parts = []
-        for c in candidates:
+    candidates = []
+    for c in clusters:
+        if c is not background and c.border <= 0.2 and c.area < 0.5:
             pieces = components(c.members)
             n = int(pieces.max())
-            parts += [c] if n <= 1 else [_cluster(features, pieces == i) for i in range(1, n + 1)
-                                         if float((pieces == i).float().mean()) >= 0.02]
-        candidates = parts
+            candidates += [c] if n <= 1 else [_cluster(features, pieces == i) for i in range(1, n + 1)
+                                              if float((pieces == i).float().mean()) >= 0.02]
     candidates = [c for c in candidates if c.edge <= 0.3]
     things = [c for c in candidates if c.self_ratio >= min_self]
     if count is not None and len(things) < count:   # asked for more: take the best of the rest too
@@ -296,11 +272,9 @@ def select_concepts(features: AttentionFeatures, labels: torch.Tensor, *, count:
     return things[:count] if count is not None else things
 
 
-# -- 5. masks ----------------------------------------------------------------------------------------
 def joint_bilateral(maps: torch.Tensor, guide: torch.Tensor, *, radius: int = 5, sigma_space: float = 3.0,
                     sigma_colour: float = 0.1, iterations: int = 2) -> torch.Tensor:
-    """Joint bilateral filter: each pixel of the (k, H, W) maps averages nearby pixels of its own colour in
-    the (3, H, W) guide (0..1), so the maps' edges move to the guide's."""
+    """Joint bilateral filter of (k, H, W) maps by a (3, H, W) guide in 0..1: the maps' edges move to its."""
     k, hh, ww = maps.shape
     size = 2 * radius + 1
     ys, xs = torch.meshgrid(torch.arange(-radius, radius + 1), torch.arange(-radius, radius + 1), indexing="ij")
@@ -319,13 +293,12 @@ def joint_bilateral(maps: torch.Tensor, guide: torch.Tensor, *, radius: int = 5,
 
 
 def fill_holes(mask: torch.Tensor) -> torch.Tensor:
-    """The mask and the parts of its complement that do not reach the image border (8-connected)."""
+    """The mask and the parts of its complement that do not reach the border."""
     parts = components(~mask)
     return ~torch.isin(parts, parts[border_cells(*mask.shape) & ~mask])
 
 
 def largest_component(mask: torch.Tensor) -> torch.Tensor:
-    """The largest 8-connected component of a bool mask."""
     if not mask.any():
         return mask
     parts = components(mask)
@@ -334,8 +307,7 @@ def largest_component(mask: torch.Tensor) -> torch.Tensor:
 
 def concept_masks(things: list[Cluster], size: int, *, share: float = 0.8,
                   guide: torch.Tensor | None = None) -> torch.Tensor:
-    """(k, size, size) soft maps in 0..1 of the key maps at `share`: thing i holds the pixels where
-    soft[i] >= 0.5, one thing a pixel (with `guide`, a (3, H, W) image in 0..1, snapped to its edges)."""
+    """(k, size, size) soft maps: thing i holds the pixels >= 0.5, one thing a pixel (snapped to `guide`'s edges)."""
     if not things:
         return torch.zeros((0, size, size))
     h, w = things[0].members.shape
@@ -355,7 +327,7 @@ def concept_masks(things: list[Cluster], size: int, *, share: float = 0.8,
 
 
 def left_to_right(masks: list[np.ndarray]) -> list[int]:
-    """Masks' order left to right by centroid; within 1/8 of the width of each other, top first."""
+    """Masks' order left to right by centroid; within 1/8 of the width, top first."""
     h, w = masks[0].shape
     cents = [(xs.mean() if len(xs) else w, ys.mean() if len(ys) else h) for ys, xs in map(np.nonzero, masks)]
 
@@ -368,21 +340,18 @@ def left_to_right(masks: list[np.ndarray]) -> list[int]:
     return sorted(range(len(masks)), key=cmp_to_key(cmp))
 
 
-# -- the whole method --------------------------------------------------------------------------------
 @dataclass
 class Localization:
     masks: list[np.ndarray]                 # bool, at the given image's resolution, left to right
-    picture: np.ndarray                     # the model's input the masks were found on
-    clusters: torch.Tensor                  # (h, w) cluster labels on the attention grid
-    things: list[Cluster]                   # the selected clusters, in mask order
+    clusters: torch.Tensor                  # (h, w) cluster labels
+    things: list[Cluster]                   # in mask order
     features: AttentionFeatures
-    notes: list[str] = field(default_factory=list)
 
 
 def localize(manager, image, *, count: int | None = None, timestep: int = DEFAULT_TIMESTEP,
-             clusters: int = DEFAULT_CLUSTERS, seed=0, repeats: int = 2, prompt: str = "", share: float = 0.8,
-             min_self: float = 1.4, saliency: str = "self", refine: bool = True, split: bool = True) -> Localization:
-    """`find_concepts` with everything it saw (clusters, scores, notes)."""
+             clusters: int = DEFAULT_CLUSTERS, seed=0, repeats: int = 2, prompt: str = "", saliency: str = "self",
+             refine: bool = True) -> Localization:
+    """`find_concepts` with what it saw (clusters, their scores, attention)."""
     if count is not None:
         count = whole("the number of concepts", count, 1, MAX_CONCEPTS)
     if saliency not in ("self", "eot", "both"):
@@ -391,35 +360,26 @@ def localize(manager, image, *, count: int | None = None, timestep: int = DEFAUL
     original = open_image(image)
     width, height = original.size
     size = models.of(manager.pipe).default_size
-    picture, notes = prepare_image(original, size)
+    picture = prepare_image(original, size)[0]
     features = attention_features(manager, picture, timestep=timestep, seed=seed, repeats=repeats, prompt=prompt)
     labels, _ = kl_kmeans(features.affinity, max(clusters, (count or 0) + 2), seed=parse_seed(seed))
-    things = select_concepts(features, labels, count=count, share=share, min_self=min_self, split=split,
-                             saliency=saliency)
+    things = select_concepts(features, labels, count=count, saliency=saliency)
     if not things:
         raise StudioError("no object found: every part of the image attends like background. Draw the masks, "
                           "click the objects (Segment Anything), or set the number of concepts to look for")
     guide = torch.from_numpy(picture).permute(2, 0, 1).float() / 255 if refine else None
-    soft = concept_masks(things, size, share=share, guide=guide)
+    soft = concept_masks(things, size, guide=guide)
     if (width, height) != (size, size):   # back onto the upload's own pixels, 0 outside the crop
         left, top, right, bottom = crop_box(width, height)
         soft = F.pad(_resize(soft, (bottom - top, right - left)), (left, width - right, top, height - bottom))
     masks = [(s >= 0.5).numpy() for s in soft]
     keep = [i for i, m in enumerate(masks) if m.sum() >= max(4, 0.002 * m.size)]
-    if len(keep) < len(masks):
-        notes.append(f"{len(masks) - len(keep)} found region(s) were too small to keep")
     if not keep:
         raise StudioError("no object found: the regions found were too small. Draw the masks or click the objects")
     order = [keep[i] for i in left_to_right([masks[j] for j in keep])]
-    if count is not None and len(order) < count:
-        notes.append(f"asked for {count} concepts, found {len(order)}")
-    return Localization([masks[i] for i in order], picture, labels.reshape(features.grid),
-                        [things[i] for i in order], features, notes)
+    return Localization([masks[i] for i in order], labels.reshape(features.grid), [things[i] for i in order], features)
 
 
-def find_concepts(manager, image, *, count: int | None = None, timestep: int = DEFAULT_TIMESTEP,
-                  clusters: int = DEFAULT_CLUSTERS, seed=0, repeats: int = 2, prompt: str = "",
-                  refine: bool = True, **options) -> list[np.ndarray]:
-    """Masks (bool, at `image`'s size, left to right) of the things in `image`; StudioError if none."""
-    return localize(manager, image, count=count, timestep=timestep, clusters=clusters, seed=seed, repeats=repeats,
-                    prompt=prompt, refine=refine, **options).masks
+def find_concepts(manager, image, **options) -> list[np.ndarray]:
+    """Masks (bool, at `image`'s size, left to right) of the things in `image` (options: `localize`'s)."""
+    return localize(manager, image, **options).masks

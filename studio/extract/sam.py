@@ -1,8 +1,5 @@
-"""Segment Anything: masks from clicks (and boxes) on an image, or automatically, for extraction.
-
-`SamMasks.load` runs no pickled code: .safetensors, or .pth/.pt through `torch.load(weights_only=True)`.
-With no checkpoint, 'Find concepts' and drawing still give masks.
-"""
+"""Segment Anything: masks from clicks and boxes, or automatic, for extraction. Checkpoints load without
+running pickled code (.safetensors, or `torch.load(weights_only=True)`)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checks import write_atomically
+from ..edit_files import read_tensors, save_tensors
 from ..errors import StudioError
 from ..images import load_rgb
 from .localize import left_to_right
@@ -48,14 +45,14 @@ class SamConfig:
 
 
 PRESETS = {
-    "vit_b": SamConfig(768, 12, 12, (2, 5, 8, 11)),
+    "vit_b": SamConfig(),
     "vit_l": SamConfig(1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": SamConfig(1280, 32, 16, (7, 15, 23, 31)),
 }
 
 
 def build_sam(config: SamConfig):
-    """A randomly initialised segment_anything Sam of this architecture (as build_sam.py builds them)."""
+    """A randomly initialised Sam of this architecture, as segment_anything's build_sam.py builds them."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     c = config
@@ -79,14 +76,13 @@ def build_sam(config: SamConfig):
 
 
 def config_of(sam) -> SamConfig:
-    """A built Sam's SamConfig: read off its weights, and the decoder's head count no shape shows."""
+    """A built Sam's SamConfig: its weights' shapes, and the decoder's head count."""
     heads = sam.mask_decoder.transformer.layers[0].self_attn.num_heads
     return replace(infer_config(sam.state_dict()), decoder_heads=heads)
 
 
 def infer_config(state: dict, model_type: str | None = None) -> SamConfig:
-    """The architecture of a state dict: `model_type` (vit_b, vit_l, vit_h) if given, else from the shapes
-    (the mask decoder's head count, which no shape shows, is the official 8)."""
+    """The architecture of a state dict: `model_type`'s, else from the shapes (decoder heads: the official 8)."""
     if model_type:
         key = str(model_type).lower().replace("-", "_")
         if key not in PRESETS:
@@ -128,14 +124,7 @@ def read_checkpoint(path) -> tuple[dict, SamConfig | None]:
         raise StudioError(f"Segment Anything checkpoint {str(path)!r} not found: {DOWNLOAD_HINT}")
     config = None
     if path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise StudioError(f"cannot read {path.name} as safetensors ({exc})") from None
+        state, meta = read_tensors(path)
         if meta.get("sam_config"):
             try:
                 d = json.loads(meta["sam_config"])
@@ -147,11 +136,9 @@ def read_checkpoint(path) -> tuple[dict, SamConfig | None]:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
-            text = str(exc)
-            detail = next((line.split("error:", 1)[1].strip() for line in text.splitlines()
-                           if "WeightsUnpickler error:" in line), text.strip().split("\n")[0]) or "bad data"
+            detail = (str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines() or ["bad data"])[0]
             use = f"Use the official {SAM_VIT_B} or a .safetensors file"
-            if "Unsupported global" in text:
+            if "Unsupported global" in detail:
                 raise StudioError(f"refused to load {path.name}: it is a pickle that holds more than plain tensors "
                                   f"({detail.split('. ')[0][:120]}), and unpickling it could run code. {use}") from None
             raise StudioError(f"cannot read {path.name} as a PyTorch checkpoint ({detail[:160]}); is the download "
@@ -160,24 +147,22 @@ def read_checkpoint(path) -> tuple[dict, SamConfig | None]:
             state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StudioError(f"{path.name} does not hold a state dict of tensors")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
     return state, config
 
 
-# -- display -> image coordinates ------------------------------------------------------------------
 def display_to_image(points, display_size, image_size) -> np.ndarray:
-    """Clicks (x, y) on the image as displayed at display_size (w, h) as pixels of the image (its size
-    (W, H)): the centre of the clicked pixel, (x + 0.5) * W / w - 0.5. (N, 2) float array."""
+    """Clicks (x, y) on the image shown at display_size (w, h) as pixels of the image (its size (W, H))."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     (dw, dh), (w, h) = (float(v) for v in display_size), (float(v) for v in image_size)
     if min(dw, dh, w, h) <= 0:
         raise StudioError(f"sizes must be positive (display {display_size}, image {image_size})")
     _refuse_outside(pts, dw, dh, "displayed image")
-    return ((pts + 0.5) * [w, h] / [dw, dh] - 0.5).clip(0, [w - 1, h - 1])
+    return image_to_display(pts, (w, h), (dw, dh)).clip(0, [w - 1, h - 1])
 
 
 def image_to_display(points, display_size, image_size) -> np.ndarray:
-    """The inverse of `display_to_image` (e.g. to draw the clicks back on the displayed image)."""
+    """The inverse of `display_to_image`: pixel centre to pixel centre, (x + 0.5) * w / W - 0.5."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     (dw, dh), (w, h) = (float(v) for v in display_size), (float(v) for v in image_size)
     return (pts + 0.5) * [dw, dh] / [w, h] - 0.5
@@ -189,11 +174,9 @@ def _refuse_outside(pts: np.ndarray, w, h, what: str) -> None:
         raise StudioError(f"click ({pts[out][0][0]:g}, {pts[out][0][1]:g}) is outside the {w:g}x{h:g} {what}")
 
 
-# -- the wrapper -----------------------------------------------------------------------------------
 @dataclass
 class SamMasks:
-    """A Segment Anything model with its predictor: clicks/boxes -> one mask, or automatic masks.
-    The last image's embedding is kept: more clicks on it run only the light mask decoder."""
+    """Segment Anything with its predictor; the last image's embedding is kept (more clicks run only the decoder)."""
     sam: object
     device: str = "auto"
     name: str = "Segment Anything"
@@ -212,7 +195,6 @@ class SamMasks:
 
     @classmethod
     def load(cls, checkpoint, model_type: str | None = None, device: str = "auto") -> "SamMasks":
-        """Load a checkpoint (.safetensors, or .pth/.pt with plain tensors only)."""
         state, config = read_checkpoint(checkpoint)
         config = infer_config(state, model_type) if model_type or config is None else config
         sam = build_sam(config)
@@ -229,16 +211,11 @@ class SamMasks:
 
     def save(self, path) -> Path:
         """Write the weights as .safetensors, with the architecture in the metadata."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        if path.suffix.lower() != ".safetensors":
+        if Path(path).suffix.lower() != ".safetensors":
             raise StudioError("save Segment Anything weights as .safetensors")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.sam.state_dict().items()}
         meta = {"sam_config": json.dumps(asdict(self.config)), "format": "pt"}
-        return write_atomically(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+        return save_tensors(self.sam.state_dict(), path, meta)
 
-    # -- prompts -----------------------------------------------------------------------------------
     def _set_image(self, rgb: np.ndarray) -> None:
         key = hashlib.sha1(rgb.tobytes()).hexdigest() + str(rgb.shape)
         if key != self._image_key:
@@ -247,11 +224,11 @@ class SamMasks:
             self._image_key = key
 
     def masks_from_clicks(self, image, points=(), labels=None, boxes=None, *, display_size=None) -> np.ndarray:
-        """One mask (H x W bool) of the object the clicks (labels: 1 on it, 0 not) and boxes (x0, y0, x1, y1;
-        their masks united) point at, in image pixels or those of the image shown at `display_size`."""
+        """One (H, W) mask of what the clicks (labels 1: on it, 0: not) and boxes (their masks united) point at, in
+        image pixels or in those of the image shown at `display_size`."""
         rgb = np.array(load_rgb(image)[0])
         h, w = rgb.shape[:2]
-        pts = np.asarray(list(points) if points is not None else [], dtype=np.float64).reshape(-1, 2)
+        pts = np.asarray([] if points is None else list(points), dtype=np.float64).reshape(-1, 2)
         lab = np.ones(len(pts), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(lab) != len(pts):
             raise StudioError(f"{len(pts)} clicks but {len(lab)} labels: give one label (1 on, 0 off) per click")
@@ -284,8 +261,8 @@ class SamMasks:
 
     def automatic(self, image, *, max_masks: int = 8, min_area: float = 0.005, max_area: float = 0.9,
                   **options) -> list[np.ndarray]:
-        """The best `max_masks` masks SamAutomaticMaskGenerator(**options) finds, from `min_area` to
-        `max_area` of the image and not mostly inside a better one, left to right."""
+        """The best `max_masks` automatic masks (min_area..max_area of the image, none mostly inside a better one),
+        left to right."""
         from segment_anything import SamAutomaticMaskGenerator
 
         rgb = np.array(load_rgb(image)[0])

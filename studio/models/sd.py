@@ -1,16 +1,14 @@
 """The Stable Diffusion 1.x/2.x family: one CLIP text encoder, a UNet with cross-attention, AutoencoderKL.
-
-Everything here is what real SD checkpoints do; the bundled toy model is the same architecture, smaller.
-Generation is the diffusers pipeline's own loop (`denoise`), fed with prompt embeddings this family
-encoded, so the studio's images are the pipeline's images bit for bit.
-"""
+Generation is the diffusers pipeline's own loop, so the studio's images are the pipeline's bit for bit."""
 from __future__ import annotations
 
 import copy
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ..edits import module_slot
@@ -22,10 +20,8 @@ VAE_BATCH = 8  # images per VAE call: bounds the activation memory of encoding m
 
 @dataclass
 class Conditioning:
-    """What the denoiser reads of a batch of prompts: one row per prompt.
-
-    embeds: (B, T, d) token states cross-attention reads; pooled: (B, d') one vector per prompt (SD: CLIP's
-    pooled output, which only losses use; SDXL/Flux: a model input); extra: other model inputs by name."""
+    """One row per prompt: embeds (B, T, d) cross-attention reads; pooled (B, d') (SD: for losses only; SDXL/Flux:
+    a model input); extra: other model inputs by name."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
@@ -39,10 +35,6 @@ class Conditioning:
         return replace(self, embeds=pick(self.embeds), pooled=None if self.pooled is None else pick(self.pooled),
                        extra={k: pick(v) for k, v in self.extra.items()})
 
-    def to(self, dtype) -> "Conditioning":
-        return replace(self, embeds=self.embeds.to(dtype), pooled=None if self.pooled is None else self.pooled.to(dtype),
-                       extra={k: v.to(dtype) if v.is_floating_point() else v for k, v in self.extra.items()})
-
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
         first = items[0]
@@ -52,12 +44,7 @@ class Conditioning:
 
 
 def check_checkpoint(path) -> None:
-    """Refuse a .safetensors file that is not a whole SD-1/2 checkpoint, by its key names (read from the header
-    only), before diffusers looks for a config on the hub and fails with an unrelated message."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
+    """Refuse, by its key names, a .safetensors that is no whole SD-1/2 checkpoint (diffusers' error would mislead)."""
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
     name = Path(path).name
@@ -75,6 +62,7 @@ def check_checkpoint(path) -> None:
 class StableDiffusion:
     title = "Stable Diffusion 1.x/2.x"
     pipeline_names = ("StableDiffusionPipeline",)
+    lora_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # what a kohya LoRA covers, by key prefix
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -85,7 +73,7 @@ class StableDiffusion:
 
     @staticmethod
     def load(source, kind: str, dtype: torch.dtype):
-        """The pipeline from a diffusers folder / hub id (`kind` folder|hub) or a single checkpoint file."""
+        """The pipeline from a diffusers folder, a hub id or (`kind` single-file) a checkpoint file."""
         from diffusers import StableDiffusionPipeline
 
         if kind == "single-file":
@@ -95,7 +83,6 @@ class StableDiffusion:
         return StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False,
                                                        dtype=dtype)
 
-    # -- text ---------------------------------------------------------------------------------------
     @property
     def denoiser(self) -> nn.Module:
         return self.pipe.unet
@@ -108,12 +95,8 @@ class StableDiffusion:
     def text_encoders(self) -> list[nn.Module]:
         return [self.pipe.text_encoder]
 
-    @property
-    def max_tokens(self) -> int:
-        return self.pipe.tokenizer.model_max_length
-
     def spelled(self, prompt: str) -> str:
-        """A prompt with every multi-vector token spelled out ("<x>" -> "<x> <x>_1 ..."), as the pipeline reads it."""
+        """The prompt as the pipeline reads it: every multi-vector token spelled out ("<x>" -> "<x> <x>_1 ...")."""
         convert = getattr(self.pipe, "maybe_convert_prompt", None)
         return convert(prompt, self.pipe.tokenizer) if convert else prompt
 
@@ -124,30 +107,44 @@ class StableDiffusion:
                    truncation=True, return_tensors="pt").input_ids.to(self.pipe.text_encoder.device)
 
     def encode(self, prompts: list[str], ids: torch.Tensor | None = None) -> Conditioning:
-        """The prompts as the denoiser reads them (the pipeline's encode_prompt, without its batch repeat), in
-        the text encoder's dtype. Gradients flow when the caller enables them (token training); `ids` replaces
-        the tokenized prompts (raw token sequences)."""
+        """The prompts as the pipeline's encode_prompt makes them (no batch repeat); `ids` replaces the prompts."""
         out = self.pipe.text_encoder(self.token_ids(prompts) if ids is None else ids)
         return Conditioning(out[0], out[1])
 
     def text_projections(self) -> dict[str, nn.Linear]:
-        """The layers that read only the text: every cross-attention's K and V, by weight name (UCE, Custom
-        Diffusion, ESD-x-kv and the closed-form merge rewrite these)."""
+        """The layers that read only the text: every cross-attention's K and V, by weight name."""
         return {f"unet.{n}.weight": m for n, m in self.pipe.unet.named_modules()
                 if isinstance(m, nn.Linear) and n.split(".")[-2:-1] == ["attn2"] and n.endswith(("to_k", "to_v"))}
 
     def attention_sites(self, cross: bool | None = None) -> dict[str, nn.Module]:
-        """Every attention layer by its processor name ('down_blocks.0....attn2.processor'): cross=True the
-        text-conditioned ones, False the self-attention ones, None all."""
+        """Attention layers by processor name: cross=True the text-conditioned ones, False self-attention, None all."""
         from diffusers.models.attention_processor import Attention
 
         return {f"{n}.processor": m for n, m in self.pipe.unet.named_modules() if isinstance(m, Attention)
                 and (cross is None or m.is_cross_attention == cross)}
 
-    # -- pictures and latents ----------------------------------------------------------------------------
+    def attention_resolutions(self) -> list[int]:
+        """Latent heights of the cross-attention layers at the default size, finest first."""
+        cfg = self.pipe.unet.config
+        n = len(cfg.block_out_channels)
+        depths = {i for i, t in enumerate(cfg.down_block_types) if "CrossAttn" in t}
+        depths |= {n - 1 - j for j, t in enumerate(cfg.up_block_types) if "CrossAttn" in t}
+        if cfg.mid_block_type and "CrossAttn" in cfg.mid_block_type:
+            depths.add(n - 1)
+        return sorted({-(-self.latent_side // 2 ** k) for k in depths}, reverse=True)
+
+    def guided(self, guidance: float) -> bool:
+        """Whether classifier-free guidance runs (a negative row per image): not on guidance-embedding UNets."""
+        return guidance > 1 and self.pipe.unet.config.get("time_cond_proj_dim") is None
+
+    @property
+    def latent_side(self) -> int:
+        side = self.pipe.unet.config.sample_size
+        return side if isinstance(side, int) else side[0]
+
     @property
     def default_size(self) -> int:
-        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return self.latent_side * self.pipe.vae_scale_factor
 
     @property
     def size_multiple(self) -> int:
@@ -161,22 +158,16 @@ class StableDiffusion:
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
         """Latents (posterior mean x scaling factor, fp32) of pictures x in [-1, 1], (N, 3, H, W)."""
         vae = self.pipe.vae
-        out = [vae.encode(x[i:i + VAE_BATCH].to(vae.device, vae.dtype)).latent_dist.mean
-               for i in range(0, len(x), VAE_BATCH)]
+        out = [vae.encode(b.to(vae.device, vae.dtype)).latent_dist.mean for b in x.split(VAE_BATCH)]
         return torch.cat(out).float() * vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Pictures in [-1, 1] (fp32, on the CPU) of latents z."""
         vae = self.pipe.vae
-        out = [vae.decode(z[i:i + VAE_BATCH].to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
-               for i in range(0, len(z), VAE_BATCH)]
+        out = [vae.decode(b.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample for b in z.split(VAE_BATCH)]
         return torch.cat(out).float().cpu()
 
-    def to_pil(self, x: torch.Tensor) -> list:
-        return self.pipe.image_processor.postprocess(x.float(), output_type="pil")
-
-    # -- the denoiser -------------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
         """The denoiser's output (noise, v or x0 by the scheduler's prediction type) for latents x at t."""
         unet = self.pipe.unet
@@ -186,12 +177,8 @@ class StableDiffusion:
                 guidance: float = 7.5, scheduler=None, latents: torch.Tensor | None = None, generator=None,
                 height: int | None = None, width: int | None = None, images_per_prompt: int = 1,
                 on_step=None, stop_after: int | None = None, output: str = "pil"):
-        """The one denoising loop: generation, ESD trajectories, previews, prior images and collage passes.
-
-        It is the family's diffusers pipeline, fed the conditioning (negative: the unconditional rows of
-        classifier-free guidance, default the empty prompt). `on_step(pipe, i, t, kwargs)` runs after each step
-        (it may raise to stop); `stop_after` ends the loop after that many steps (0: the latents as given);
-        `output` 'pil', 'pt' or 'latent'."""
+        """The one denoising loop (the family's diffusers pipeline); `negative` defaults to the empty prompt.
+        `on_step(pipe, i, t, kwargs)` may raise to stop; `stop_after` steps end it (0: the latents as given)."""
         if stop_after == 0:
             return latents
         pipe = self.pipe
@@ -216,22 +203,12 @@ class StableDiffusion:
         finally:
             pipe.scheduler = before
 
-    # -- files other tools read -------------------------------------------------------------------------
-    lora_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # what a kohya LoRA covers, by key prefix
-    # diffusers' Custom Diffusion processor weights -> the attention weights they replace
-    custom_diffusion_parts = {"to_k_custom_diffusion.weight": "to_k.weight",
-                              "to_v_custom_diffusion.weight": "to_v.weight",
-                              "to_q_custom_diffusion.weight": "to_q.weight",
-                              "to_out_custom_diffusion.0.weight": "to_out.0.weight",
-                              "to_out_custom_diffusion.0.bias": "to_out.0.bias"}
-
     def token_tables(self) -> list[nn.Embedding]:
         """The input embedding tables a new token's vectors go into, one per tokenizer."""
         return [self.pipe.text_encoder.get_input_embeddings()]
 
     def install_tokens(self, token: str, vectors: torch.Tensor, patch) -> list[int]:
-        """Add `token` (and its extra vector names) with `vectors` as input embeddings; returns their ids. Copies of
-        the tokenizer and of the grown embedding are swapped in with `patch.set_attr`: undo is bit-identical."""
+        """Add `token` (and its extra vector names) with `vectors`, through `patch` (exact undo); returns their ids."""
         pipe = self.pipe
         names = token_names(check_token(pipe.tokenizer, token), len(vectors))
         tokenizer = copy.deepcopy(pipe.tokenizer)
@@ -256,9 +233,8 @@ class StableDiffusion:
 
     @classmethod
     def lora_key(cls, name: str) -> str:
-        """kohya's LoRA module key of a weight: 'unet.a.b.weight' -> 'lora_unet_a_b', text encoder ->
-        'lora_te_text_model_...'. transformers 5 dropped CLIPTextModel's `text_model` wrapper; kohya names
-        (what A1111/ComfyUI read) keep it, and diffusers strips it again when the encoder has none."""
+        """kohya's key of a weight: 'unet.a.b.weight' -> 'lora_unet_a_b'. Text encoder keys keep the `text_model.`
+        that transformers 5 dropped: A1111/ComfyUI expect it."""
         component, _, rest = name.partition(".")
         prefix = cls.lora_prefixes.get(component)
         if prefix is None:
@@ -268,8 +244,7 @@ class StableDiffusion:
         return prefix + rest.rpartition(".")[0].replace(".", "_")
 
     def lora_weights(self) -> dict[str, str]:
-        """kohya key -> weight name of every layer a LoRA may change: the Linear and Conv2d layers of the
-        covered components (peft's wrapped base layers and adapters are not layers of the model)."""
+        """kohya key -> weight name of every Linear and Conv2d a LoRA may change (not peft's own layers)."""
         out = {}
         for component in self.lora_prefixes:
             for n, m in getattr(self.pipe, component).named_modules():
@@ -278,9 +253,7 @@ class StableDiffusion:
         return out
 
     def lora_from_file(self, state: dict, what: str) -> dict:
-        """A kohya LoRA's tensors keyed as `lora_weights` names them. SD-1 files may say `lora_te1_` for their one
-        encoder or use the original UNet's block names (input_blocks_1_1 = down_blocks.0.attentions.0); a second
-        text encoder (`lora_te2_`) makes it an SDXL file, refused."""
+        """A kohya LoRA's tensors keyed as `lora_weights` names them (`lora_te1_` and original block names read)."""
         if any(k.startswith("lora_te2_") for k in state):
             raise StudioError(f"{what} is an SDXL LoRA (two text encoders): it is for another architecture")
         state = {re.sub(r"^lora_te1_", "lora_te_", k): v for k, v in state.items() if torch.is_tensor(v)}
@@ -299,8 +272,9 @@ class StableDiffusion:
         return state
 
     def custom_diffusion_keys(self) -> dict[str, dict[str, str]]:
-        """Per attention processor, the keys of diffusers' Custom Diffusion files ('<processor>.to_k_custom_diffusion.
-        weight') -> the weights they replace ('unet.<attention>.to_k.weight'). Every processor is listed: diffusers'
-        loader sets them all at once, so a file holds an entry (maybe empty) for each."""
-        return {proc: {f"{proc}.{cd}": f"unet.{proc.removesuffix('.processor')}.{part}"
-                       for cd, part in self.custom_diffusion_parts.items()} for proc in self.attention_sites()}
+        """Per attention processor (all: diffusers' loader sets them at once), the keys of Custom Diffusion files
+        ('<processor>.to_k_custom_diffusion.weight') -> the weights they replace ('unet.<attention>.to_k.weight')."""
+        parts = {p.replace(".", "_custom_diffusion.", 1): p for p in ("to_k.weight", "to_v.weight", "to_q.weight",
+                                                                       "to_out.0.weight", "to_out.0.bias")}
+        return {proc: {f"{proc}.{cd}": f"unet.{proc.removesuffix('.processor')}.{part}" for cd, part in parts.items()}
+                for proc in self.attention_sites()}

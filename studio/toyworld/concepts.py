@@ -1,6 +1,4 @@
-"""What the toy world knows about a word: its kind, synonyms and neighbours, and the prompts and templates
-that test it (efficacy, generality and specificity of an erasure; where the closed-form edits put it).
-"""
+"""What the toy world knows about a word: its kind, synonyms, neighbours, and the prompts and templates that test it."""
 from __future__ import annotations
 
 from .scenes import COLOURS, SHAPES, STYLES, SYNONYMS, with_article

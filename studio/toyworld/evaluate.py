@@ -1,9 +1,6 @@
-"""Oracle-scored evaluation on fixed prompts and seeds: the harness every tab's report reuses.
+"""Oracle-scored evaluation on fixed prompts and seeds, the harness every tab's report reuses.
 
     python -m studio.toyworld.evaluate [--model builtin] [--seeds 4] [--steps 20] [--out bench/results/toy-eval.json]
-
-`score` generates every PromptSpec (a prompt and the objects it asks for) on the same seeds and reads the
-images with the oracle; `presence_rate` answers "how often does this concept still appear".
 """
 from __future__ import annotations
 
@@ -13,8 +10,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
+from ..attention.maps import iou
+from ..capture import capture
 from ..generation import GenerationRequest
 from ..loading import ASSETS
+from ..tokenizer import token_positions
 from .oracle import Oracle
 from .scenes import COLOURS, SHAPES, STYLES, SYNONYMS, with_article
 
@@ -51,7 +53,7 @@ def style_prompts() -> list[PromptSpec]:
 
 
 def synonym_prompts() -> list[PromptSpec]:
-    """Every synonym with several partners, the held-out combinations included."""
+    """Every synonym with several partners, held-out combinations included."""
     specs = []
     for word, syns in SYNONYMS.items():
         for syn in syns:
@@ -82,7 +84,7 @@ def default_prompt_set() -> list[PromptSpec]:
 class Score:
     group: str
     rows: list = field(default_factory=list)  # per image: prompt, seed and the judge's verdicts
-    styled: list = field(default_factory=list)  # the style verdicts of the images whose prompt asks for a style
+    styled: list = field(default_factory=list)  # style verdicts where the prompt asks for a style
 
     def rates(self) -> dict[str, float]:
         share = lambda k: sum(row[k] for row in self.rows) / max(len(self.rows), 1)  # noqa: E731
@@ -105,16 +107,14 @@ def judge(readings, wanted: tuple[Wanted, ...]) -> dict[str, bool]:
     )
 
 
-def score(manager, specs: list[PromptSpec], seeds: int = SEEDS, steps: int = 20, guidance: float = 7.5,
-          oracle: Oracle | None = None, progress=None) -> dict[str, Score]:
-    """Generate every prompt on every seed and score it with the oracle, grouped by spec.group."""
-    oracle = oracle or bundled_oracle()
+def score(manager, specs: list[PromptSpec], seeds: int = SEEDS, steps: int = 20, progress=None) -> dict[str, Score]:
+    """Every prompt on every seed, judged by the oracle, by spec.group."""
     groups: dict[str, Score] = {}
     for i, spec in enumerate(specs):
         g = groups.setdefault(spec.group, Score(spec.group))
-        result = manager.generate(GenerationRequest(spec.prompt, seed=0, batch=seeds, steps=steps, guidance=guidance))
+        result = manager.generate(GenerationRequest(spec.prompt, seed=0, batch=seeds, steps=steps))
         for seed, image in zip(result.seeds, result.images):
-            verdict = judge(oracle.read(image), spec.objects)
+            verdict = judge(bundled_oracle().read(image), spec.objects)
             g.rows.append(dict(prompt=spec.prompt, seed=seed, **verdict))
             if any(w.style for w in spec.objects):
                 g.styled.append(verdict["style"])
@@ -123,29 +123,16 @@ def score(manager, specs: list[PromptSpec], seeds: int = SEEDS, steps: int = 20,
     return groups
 
 
-def presence_rate(manager, prompts: list[str], concept: str, seeds: int = SEEDS, steps: int = 20,
-                  oracle: Oracle | None = None) -> float:
+def presence_rate(manager, prompts: list[str], concept: str, seeds: int = SEEDS, steps: int = 20) -> float:
     """Share of images (prompts x seeds) in which the oracle sees `concept` (a colour, shape or style)."""
-    oracle = oracle or bundled_oracle()
-    hits = [oracle.presence(image, concept) for p in prompts
+    hits = [bundled_oracle().presence(image, concept) for p in prompts
             for image in manager.generate(GenerationRequest(p, seed=0, batch=seeds, steps=steps)).images]
     return sum(hits) / len(hits)
 
 
-def attention_iou(manager, specs: list[PromptSpec], seeds: int = SEEDS, steps: int = 20, top: float = 0.25,
-                  oracle: Oracle | None = None) -> dict[str, float]:
-    """IoU between the top `top` share of a shape word's cross-attention map and the object's mask.
-
-    The mask is the oracle's segmentation of the generated object (single-object prompts whose
-    shape the oracle confirms). Chance is the expected IoU of a random pixel set of the same size.
-    """
-    import torch
-
-    from ..attention.maps import iou
-    from ..capture import capture
-    from ..tokenizer import token_positions
-
-    oracle = oracle or bundled_oracle()
+def attention_iou(manager, specs: list[PromptSpec], seeds: int = SEEDS, steps: int = 20, top: float = 0.25) -> dict:
+    """IoU of the top `top` share of a shape word's cross-attention map with the oracle's mask of that object
+    (where the oracle sees the shape), and the expected IoU of a random pixel set of that size."""
     ious, chances = [], []
     for spec in specs:
         want = spec.objects[0]
@@ -153,7 +140,7 @@ def attention_iou(manager, specs: list[PromptSpec], seeds: int = SEEDS, steps: i
             result = manager.generate(GenerationRequest(spec.prompt, seed=0, batch=seeds, steps=steps))
         maps = session.cross.maps(size=64)[:, token_positions(manager.pipe.tokenizer, spec.prompt, want.shape)].mean(1)
         for image, m in zip(result.images, maps):
-            found = [r for r in oracle.read(image) if r.shape == want.shape]
+            found = [r for r in bundled_oracle().read(image) if r.shape == want.shape]
             if not found:
                 continue
             mask = torch.as_tensor(found[0].mask)

@@ -1,7 +1,5 @@
-"""The oracle, every tab's measuring instrument: reads shape, colour and style of every object in an image.
-
-Objects are found by their difference from the background (closed by a small max-pool so striped and dotted
-objects stay whole, then flood-filled); each object's crop is classified by a small CNN trained on scenes.
+"""The oracle, every tab's measuring instrument: shape, colour and style of every object in an image, each
+object segmented from the background and its crop classified by a small CNN trained on generator scenes.
 """
 from __future__ import annotations
 
@@ -11,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from .scenes import ALL_SHAPES, COLOURS, STYLES
@@ -25,7 +24,6 @@ class Reading:
     shape: str
     colour: str
     style: str
-    confidence: float
     mask: np.ndarray
 
 
@@ -81,8 +79,6 @@ class Oracle:
 
     @classmethod
     def load(cls, path: str | Path) -> "Oracle":
-        from safetensors.torch import load_file
-
         net = OracleNet()
         net.load_state_dict(load_file(str(path)))
         return cls(net)
@@ -94,10 +90,9 @@ class Oracle:
         if not masks:
             return []
         out = self.net(torch.stack([crop(image, m) for m in masks]))
-        probs = {k: v.softmax(-1) for k, v in out.items()}
-        best = {k: p.argmax(-1).tolist() for k, p in probs.items()}
-        return [Reading(ALL_SHAPES[best["shape"][i]], COLOUR_NAMES[best["colour"][i]], STYLES[best["style"][i]],
-                        min(float(p[i].max()) for p in probs.values()), m) for i, m in enumerate(masks)]
+        best = {k: v.softmax(-1).argmax(-1).tolist() for k, v in out.items()}
+        return [Reading(ALL_SHAPES[best["shape"][i]], COLOUR_NAMES[best["colour"][i]], STYLES[best["style"][i]], m)
+                for i, m in enumerate(masks)]
 
     def presence(self, image, concept: str) -> float:
         """1.0 if some object in the image shows `concept` (a shape, colour or style word), else 0.0."""

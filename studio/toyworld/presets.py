@@ -1,5 +1,5 @@
-"""The toy world's templates, prompts, images and oracle measures, which the UI, the CLI and bench hand to
-the methods when the loaded model is the toy one (the methods never import the toy world).
+"""The toy world's templates, prompts, images and oracle measures that the UI, CLI and bench hand to the methods
+for the toy model (the methods never import the toy world).
 """
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ from .evaluate import bundled_oracle
 from .scenes import COLOURS, SHAPES, SceneObject, caption, render, sample_objects
 
 PARAPHRASES = ("a photo of {}", "{} on the left", "a picture of {} at the top")
-text.TEMPLATES["toy"] = toy.templates  # the 'toy' preset: each word where the toy world's captions put its kind
+text.TEMPLATES["toy"] = toy.templates  # each word where the toy world's captions put its kind
 
 
 def is_toy(manager) -> bool:
-    """The manager's model (loaded if need be) is the bundled toy-world model: the oracle can judge it."""
+    """The manager's model (loaded if need be) is the bundled toy-world one, which the oracle can judge."""
     manager.pipe  # noqa: B018 (loading sets manager.info)
     return manager.info.kind == "builtin-toy"
 
 
-# -- erase ------------------------------------------------------------------------------------------
 def toy_captions(concept: str) -> list[str]:
     """ESD's training captions containing `concept`."""
     return [t.format(concept) for t in toy.templates(concept)]
@@ -45,14 +44,12 @@ def probes(erased: list[str], preserve: list[str] = ()) -> list[report.Probe]:
 
 
 def erasure_report(manager, erased: list[str], preserve: list[str] = (), **kw) -> report.ErasureReport:
-    """The erasure report, measured by the oracle on the toy world's probes when the model is the toy one
-    and the toy world knows every erased word; otherwise the generic before/after grid."""
+    """The erasure report, oracle-measured on the toy world's probes if it knows the model and every erased word."""
     if is_toy(manager) and all(toy.kind(w) is not None for w in erased):
         kw.update(probes=probes(erased, preserve), presence=bundled_oracle().presence)
     return report.erasure_report(manager, erased, **kw)
 
 
-# -- customize --------------------------------------------------------------------------------------
 def toy_examples(shape: str = "heart", count: int = 8, seed: int = 0) -> list[tuple[np.ndarray, str]]:
     """`count` generator images of a toy shape in varied colours and places, with captions ('a red {}')."""
     rng = np.random.default_rng(seed)

@@ -1,8 +1,5 @@
-"""The toy world's procedural scenes: 1-2 objects on a plain background, with exact ground truth.
-
-Each object has a shape, a colour, a fill style (the world's "art styles"), a position and a size, and comes
-with its pixel mask. Captions use templates and synonyms, some combinations held out of training; two shapes
-(heart, cross) are known to the generator and the oracle but never shown to the model: customization teaches them.
+"""The toy world's procedural scenes: 1-2 objects (shape, colour, fill style, position, size) on a plain background,
+with exact masks. Some caption combinations are held out of training; heart and cross are never shown to the model.
 """
 from __future__ import annotations
 
@@ -53,7 +50,6 @@ class Scene:
 
 
 def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
-    """Inside-test of a shape of radius r centred at the origin, on coordinate grids x, y."""
     if shape == "circle":
         return x**2 + y**2 <= r**2
     if shape == "square":
@@ -72,7 +68,7 @@ def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarra
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _style_mask(style: str, inside: np.ndarray, x: np.ndarray, y: np.ndarray, r: float, scale: float) -> np.ndarray:
+def _style_mask(style: str, inside: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float) -> np.ndarray:
     if style == "solid":
         return inside
     if style == "striped":
@@ -80,11 +76,12 @@ def _style_mask(style: str, inside: np.ndarray, x: np.ndarray, y: np.ndarray, r:
     if style == "dotted":
         p = 4.5 * scale
         return inside & ((((x % p) - p / 2) ** 2 + ((y % p) - p / 2) ** 2) <= (1.5 * scale) ** 2)
-    if style == "outlined":
-        edge = 2.0 * scale
+    if style == "outlined":  # inside minus inside shifted by 2 scale pixels in every direction
+        e = int(round(2.0 * scale))
         shrunk = np.ones_like(inside)
-        for dx, dy in ((edge, 0), (-edge, 0), (0, edge), (0, -edge), (edge, edge), (-edge, -edge), (edge, -edge), (-edge, edge)):
-            shrunk &= np.roll(np.roll(inside, int(round(dy)), 0), int(round(dx)), 1)
+        for dx in (-e, 0, e):
+            for dy in (-e, 0, e):
+                shrunk &= np.roll(np.roll(inside, dy, 0), dx, 1)
         return inside & ~shrunk
     raise ValueError(f"unknown style {style!r}")
 
@@ -101,7 +98,7 @@ def render(objects: list[SceneObject], rng: np.random.Generator | None = None) -
         r = obj.size * n
         x, y = xx - cx, yy - cy
         inside = _shape_mask(obj.shape, x, y, r)
-        paint = _style_mask(obj.style, inside, x, y, r, SUPERSAMPLE)
+        paint = _style_mask(obj.style, inside, x, y, SUPERSAMPLE)
         canvas[paint] = np.clip(np.array(COLOURS[obj.colour]) + rng.integers(-12, 13, 3), 0, 255)
         obj.mask = inside.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean((1, 3)) >= 0.5
     image = canvas.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean((1, 3))
@@ -109,7 +106,7 @@ def render(objects: list[SceneObject], rng: np.random.Generator | None = None) -
 
 
 def describe(obj: SceneObject, rng: np.random.Generator, synonyms: bool = True) -> str:
-    """'a striped crimson circle': the style word is left out for solid objects most of the time."""
+    """'striped crimson circle': the style word is left out for solid objects most of the time."""
     colour, shape, style = obj.colour, obj.shape, obj.style
     if synonyms:  # a held-out combination falls back to the canonical words
         pick = lambda w: rng.choice((w,) + SYNONYMS[w]) if w in SYNONYMS and rng.random() < 0.5 else w  # noqa: E731
@@ -127,12 +124,9 @@ def with_article(phrase: str) -> str:
 
 def caption(objects: list[SceneObject], rng: np.random.Generator, synonyms: bool = True) -> str:
     d = [with_article(describe(o, rng, synonyms)) for o in objects]
-    if len(objects) == 1:
-        t = TEMPLATES_ONE[rng.integers(len(TEMPLATES_ONE))]
-        return t.format(obj=d[0], pos=POSITION_PHRASES[objects[0].position])
-    t = TEMPLATES_TWO[rng.integers(len(TEMPLATES_TWO))]
-    return t.format(obj=d[0], obj2=d[1], pos=POSITION_PHRASES[objects[0].position],
-                    pos2=POSITION_PHRASES[objects[1].position])
+    pos = [POSITION_PHRASES[o.position] for o in objects]
+    templates = TEMPLATES_ONE if len(objects) == 1 else TEMPLATES_TWO
+    return templates[rng.integers(len(templates))].format(obj=d[0], obj2=d[-1], pos=pos[0], pos2=pos[-1])
 
 
 def sample_objects(rng: np.random.Generator, n_objects: int | None = None, held_out: bool = False) -> list[SceneObject]:
@@ -152,5 +146,4 @@ def make_scene(seed: int, n_objects: int | None = None, held_out: bool = False, 
     """One reproducible scene: the same seed gives the same image, caption and masks."""
     rng = np.random.default_rng(seed)
     objects = sample_objects(rng, n_objects, held_out)
-    image = render(objects, rng)
-    return Scene(image, caption(objects, rng, synonyms), objects)
+    return Scene(render(objects, rng), caption(objects, rng, synonyms), objects)

@@ -1,10 +1,8 @@
-"""Train the toy-world text-to-image model from scratch: VAE first, then UNet + text encoder.
+"""Train the toy-world text-to-image model from scratch (VAE, then UNet + text encoder), saved in fp16 to
+assets/toy-model; the same config, seed and device give the same model.
 
     python -m studio.toyworld.train --config gpu   # the issue's probe config, ~7 min on an H100
     python -m studio.toyworld.train --config cpu   # a smaller config for a 2-core CPU
-
-The result is a real diffusers StableDiffusionPipeline (CLIP BPE tokenizer, CLIPTextModel, UNet, AutoencoderKL)
-saved in fp16 to assets/toy-model. Seeded: the same config, seed and device give the same model.
 """
 from __future__ import annotations
 
@@ -36,7 +34,7 @@ class ToyConfig:
     vae_steps: int = 800
     vae_batch: int = 128
     vae_lr: float = 1e-3
-    decoder_steps: int = 0  # then the decoder alone (the encoder, so the UNet's latents, stay fixed)
+    decoder_steps: int = 0  # then the decoder alone (the encoder, so the UNet's latents, stays fixed)
     steps: int = 3000
     batch: int = 256
     lr: float = 5e-4
@@ -52,20 +50,17 @@ CONFIGS = {
 
 
 def build_models(cfg: ToyConfig):
-    """The demo model's architecture (studio/demo_model.py) at the config's widths, random weights."""
-    text = CLIPTextModel(CLIPTextConfig(**{**TEXT_CONFIG, "hidden_size": cfg.text_hidden,
-                                           "intermediate_size": 4 * cfg.text_hidden,
-                                           "num_hidden_layers": cfg.text_layers, "projection_dim": cfg.text_hidden}))
-    unet = UNet2DConditionModel(**{**UNET_CONFIG, "block_out_channels": cfg.unet_channels,
-                                   "cross_attention_dim": cfg.text_hidden,
-                                   "norm_num_groups": min(32, cfg.unet_channels[0])})
-    vae = AutoencoderKL(**{**VAE_CONFIG, "block_out_channels": cfg.vae_channels,
-                           "norm_num_groups": min(32, cfg.vae_channels[0])})
+    """The demo model's architecture at the config's widths, random weights."""
+    h, unet_channels, vae_channels = cfg.text_hidden, cfg.unet_channels, cfg.vae_channels
+    text = CLIPTextModel(CLIPTextConfig(**dict(TEXT_CONFIG, hidden_size=h, intermediate_size=4 * h,
+                                               num_hidden_layers=cfg.text_layers, projection_dim=h)))
+    unet = UNet2DConditionModel(**dict(UNET_CONFIG, block_out_channels=unet_channels, cross_attention_dim=h,
+                                       norm_num_groups=min(32, unet_channels[0])))
+    vae = AutoencoderKL(**dict(VAE_CONFIG, block_out_channels=vae_channels, norm_num_groups=min(32, vae_channels[0])))
     return text, unet, vae
 
 
 def scene_dataset(n: int, seed: int, tokenizer, log=print):
-    """n generator scenes: uint8 images (converted to [-1, 1] per batch) and token ids."""
     t = time.time()
     images, captions = np.empty((n, 64, 64, 3), np.uint8), []
     for i in range(n):
@@ -83,7 +78,7 @@ def to_pixels(images_u8: torch.Tensor, device) -> torch.Tensor:
 
 
 def fit(what: str, params: list, loss, steps: int, lr: float, log=print, weight_decay: float = 0.0, clip=None):
-    """AdamW with a one-cycle schedule descending loss() for `steps` steps, logged every 100."""
+    """AdamW with a one-cycle schedule on loss() for `steps` steps, logged every 100."""
     opt = torch.optim.AdamW(params, lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     t0 = time.time()
@@ -109,14 +104,10 @@ def train_vae(vae, images, cfg, device, log=print, decoder_only: bool = False):
 
     def loss():
         x = to_pixels(images[torch.randint(len(images), (cfg.vae_batch,))], device)
-        if decoder_only:
-            with torch.no_grad():
-                z = vae.encode(x).latent_dist.mean
-            recon = vae.decode(z).sample
-            return F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        with torch.set_grad_enabled(not decoder_only):
+            posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.mean if decoder_only else posterior.sample()).sample
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + (0 if decoder_only else 1e-6 * posterior.kl().mean())
 
     vae.train()
     fit("decoder" if decoder_only else "vae", params, loss, cfg.decoder_steps if decoder_only else cfg.vae_steps,
@@ -131,7 +122,7 @@ def encode_all(vae, images, device, batch=256):
 
 
 def train_unet(unet, text, latents, ids, empty_ids, cfg, device, log=print):
-    """UNet and text encoder together on the DDPM noise loss, the caption dropped (empty) at caption_dropout."""
+    """UNet and text encoder together on the DDPM noise loss, the caption emptied at rate caption_dropout."""
     noise_sched = DDPMScheduler(**SCHEDULER_CONFIG)
 
     def loss():
@@ -199,17 +190,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(TOY_MODEL))
-    ap.add_argument("--steps", type=int, default=None, help="override the UNet step count")
-    ap.add_argument("--vae-steps", type=int, default=None)
-    ap.add_argument("--decoder-steps", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=None, help="override the UNet/text encoder learning rate")
-    ap.add_argument("--scenes", type=int, default=None)
-    ap.add_argument("--resume", default=None, help="continue training the UNet/text encoder of this model folder")
+    ap.add_argument("--steps", type=int, help="override the UNet step count")
+    ap.add_argument("--vae-steps", type=int)
+    ap.add_argument("--decoder-steps", type=int)
+    ap.add_argument("--lr", type=float, help="override the UNet/text encoder learning rate")
+    ap.add_argument("--scenes", type=int)
+    ap.add_argument("--resume", help="continue training the UNet/text encoder of this model folder")
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
-    overrides = {k: v for k, v in vars(args).items() if k in asdict(cfg) and v is not None}  # the config's fields
-    train(replace(cfg, **overrides), args.device, args.seed, Path(args.out), log=lambda m: print(m, flush=True),
-          resume=Path(args.resume) if args.resume else None)
+    overrides = {k: v for k, v in vars(args).items() if k in asdict(cfg) and v is not None}
+    train(replace(cfg, **overrides), args.device, args.seed, args.out, lambda m: print(m, flush=True), args.resume)
 
 
 if __name__ == "__main__":

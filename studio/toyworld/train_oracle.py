@@ -1,8 +1,6 @@
 """Train the oracle on fresh generator scenes and report its accuracy on scenes it never saw.
 
     python -m studio.toyworld.train_oracle [--scenes 6000] [--epochs 8] [--out assets/toy-oracle.safetensors]
-
-Crops come from the oracle's own segmentation, each labelled by the generator object it overlaps most.
 """
 from __future__ import annotations
 
@@ -11,6 +9,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from .oracle import COLOUR_NAMES, Oracle, OracleNet, crop, segment
 from .scenes import ALL_SHAPES, STYLES, make_scene
@@ -19,7 +18,7 @@ TEST_SEED_OFFSET = 1_000_000
 
 
 def labelled_crops(seeds) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Every segmented object that mostly overlaps one generator object, as a crop and its labels."""
+    """The oracle's own segments, each a crop labelled by the generator object it mostly overlaps."""
     xs, ys = [], []
     for seed in seeds:
         scene = make_scene(int(seed), held_out=True)
@@ -72,8 +71,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="assets/toy-oracle.safetensors")
     args = ap.parse_args()
-    from safetensors.torch import save_file
-
     oracle, acc = train(args.scenes, args.epochs, args.seed)
     save_file({k: v.contiguous() for k, v in oracle.net.state_dict().items()}, args.out)
     print("accuracy on fresh generator objects:", {k: f"{v:.2%}" for k, v in acc.items()})
