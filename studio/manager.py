@@ -289,8 +289,9 @@ class PipelineManager:
                 save_edits(self._stack.entries, path, position=self._stack.position, model=self._load_args["source"])
                 self.history_warning, self._kept = "", False
             except Exception as exc:  # noqa: BLE001 - disk full, read-only, ...
-                self.history_warning = (f"The edit history is not being saved ({type(exc).__name__}: {exc}): "
-                                        f"check {path.parent}.")
+                self.history_warning = (f"The edit history is not being saved ({type(exc).__name__}: {exc}): your "
+                                        "edits are applied but will not come back after a restart. "
+                                        f"Check {path.parent}.")
                 log.warning("could not save the edit history to %s: %s", path, exc)
                 with suppress(OSError):
                     path.replace(path.with_name(path.name + ".stale"))

@@ -32,7 +32,8 @@ def build_clip_tokenizer() -> CLIPTokenizer:
 def prompt_text(value, what: str = "prompt") -> str:
     text = str(value or "")
     if len(text) > MAX_PROMPT:
-        raise StudioError(f"the {what} is {len(text):,} characters long; the limit is {MAX_PROMPT:,}: shorten it")
+        raise StudioError(f"the {what} is {len(text):,} characters long; the limit is {MAX_PROMPT:,} "
+                          "(the model reads only its first 75 tokens)")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
